@@ -3,6 +3,7 @@
   python benchmarks/mtt_step.py            # CIFAR-10 IPC 10 shape, ConvNet width 128
   python benchmarks/mtt_step.py --small    # the same sweep at toy size
   python benchmarks/mtt_step.py --no_time  # full size, memory analysis only
+  python benchmarks/mtt_step.py --parts=2  # only the Fashion-MNIST timings (minutes on a CPU)
 
 Part 1: the CIFAR-10 IPC 10 shape (100 synthetic 32x32x3 images, the whole set per student step,
 ConvNet width 128 / depth 3 / instance norm, DSA on) for N = 10, 20, 40, 80 student steps, with
@@ -110,11 +111,24 @@ def main() -> int:
   total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   parser.add_argument("--max_run_gb", type=float, default=0.5 * total / 2**30,
                       help="time only configurations whose estimated peak fits (default: half the RAM)")
+  parser.add_argument("--parts", default="1,2", help="which parts to run: 1, 2 or 1,2")
   args = parser.parse_args()
+  parts = {int(p) for p in args.parts.split(",")}
+  if not parts or parts - {1, 2}:
+    parser.error(f"--parts takes 1, 2 or 1,2, got {args.parts!r}")
   max_run = int(args.max_run_gb * 2**30)
   width, ipc = (16, 2) if args.small else (128, 10)
   print(f"devices: {jax.devices()}  (small={args.small})")
+  ok = True
+  if 1 in parts:
+    ok = sweep_remat(args, width=width, ipc=ipc, max_run=max_run)
+  if 2 in parts:
+    time_fashion_mnist(args, width=width, max_run=max_run)
+  return 0 if ok else 1
 
+
+def sweep_remat(args, *, width: int, ipc: int, max_run: int) -> bool:
+  """Part [1]: memory and time for N = 10..80 with and without remat; True if the check passes."""
   print(f"\n[1] CIFAR-10 IPC {ipc} shape: {10 * ipc} x 32x32x3, ConvNet width {width}, "
         f"batch = whole set, DSA on, student_loop={args.student_loop}")
   print(f"{'N':>4} {'remat':>6} {'loop':>9} {'peak GiB':>9} {'temp GiB':>9} {'ms/iter':>10} "
@@ -136,7 +150,11 @@ def main() -> int:
   ok = ratio <= 1.5
   print(f"remat peak N=80 / N=10 = {ratio:.3f} (must be <= 1.5): {'PASS' if ok else 'FAIL'}; "
         f"without remat: {peaks[(80, False)] / peaks[(10, False)]:.2f}")
+  return ok
 
+
+def time_fashion_mnist(args, *, width: int, max_run: int) -> None:
+  """Part [2]: our iteration at the Fashion-MNIST IPC 1 and IPC 10 shapes."""
   print(f"\n[2] Fashion-MNIST shapes: 28x28x1, ConvNet width {width}, N = 10, no remat, "
         "student_loop=auto")
   print(f"{'ipc':>4} {'images':>7} {'loop':>9} {'peak GiB':>9} {'ms/iter':>10} {'compile s':>10}")
@@ -148,7 +166,6 @@ def main() -> int:
     resolved = mtt.resolve_student_loop("auto", remat=False)
     print(f"{fm_ipc:>4} {10 * fm_ipc:>7} {resolved:>9} {gib(r['peak'])} {ms} "
           f"{r['compile_s']:10.1f}", flush=True)
-  return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -56,6 +57,32 @@ DistillFn = Callable[[ml_collections.ConfigDict, RealData, Any], Any]
 # report_extras(config, data, distilled_set, workdir) -> dict merged into report.json
 # (e.g. FRePo's KRR accuracy), and free to write extra images into workdir.images_dir.
 ExtrasFn = Callable[[ml_collections.ConfigDict, RealData, Any, Any], dict]
+
+
+class DivergenceError(ValueError):
+  """A distillation loss became NaN or infinite; the message names the likely fix."""
+
+
+def finite_host_metrics(
+    metrics: dict[str, Any], watched: tuple[str, ...], message: Callable[[dict[str, float]], str]
+) -> dict[str, float]:
+  """Fetches a step's metrics to the host as floats and stops a diverged run.
+
+  Args:
+    metrics: scalar metrics of one step (device arrays).
+    watched: names whose value must be finite.
+    message: builds the error text from the host metrics (it should name the fix).
+
+  Returns:
+    The metrics as Python floats.
+
+  Raises:
+    DivergenceError: when a watched metric is NaN or infinite.
+  """
+  host = {name: float(value) for name, value in jax.device_get(metrics).items()}
+  if not all(np.isfinite(host[name]) for name in watched):
+    raise DivergenceError(message(host))
+  return host
 
 
 @dataclasses.dataclass(frozen=True)

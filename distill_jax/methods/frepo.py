@@ -36,7 +36,9 @@ from absl import logging
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
 from distill_jax import io as io_lib
-from distill_jax.methods.base import METHODS, Method, RealData
+from distill_jax.methods.base import (  # DivergenceError: re-exported for callers.
+    METHODS, DivergenceError, Method, RealData, finite_host_metrics,
+)
 from distill_jax.models import get_model
 from distill_jax.objectives import krr_predict, label_margin_loss, mse_loss
 from distill_jax.training.model_pool import MemberState, ModelPool
@@ -46,10 +48,6 @@ Array = jax.Array
 INITS = ("real", "noise", "real_noise")
 ORDERS = ("v1", "v2")
 OUTER_OPTIMIZERS = ("lamb", "adam")
-
-
-class DivergenceError(ValueError):
-  """The distillation loss became NaN or infinite; the message names the likely fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,10 +510,6 @@ def _divergence_message(step: int, metrics: dict[str, float], config) -> str:
   )
 
 
-def _host_metrics(metrics: dict[str, Array]) -> dict[str, float]:
-  return {name: float(value) for name, value in jax.device_get(metrics).items()}
-
-
 def distill(
     config: ml_collections.ConfigDict, data: RealData, workdir: io_lib.Workdir
 ) -> distilled_lib.PixelSet:
@@ -585,10 +579,8 @@ def _run_steps(frepo, state, x_train, y_train, config, writer, progress, checkpo
 
 
 def _check_finite(step: int, metrics: dict[str, Array], config) -> dict[str, float]:
-  host = _host_metrics(metrics)
-  if not all(math.isfinite(host[name]) for name in ("loss", "kernel_loss", "label_loss")):
-    raise DivergenceError(_divergence_message(step, host, config))
-  return host
+  return finite_host_metrics(metrics, ("loss", "kernel_loss", "label_loss"),
+                             lambda host: _divergence_message(step, host, config))
 
 
 # ----------------------------------------------------------------------------------------------

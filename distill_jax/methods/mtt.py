@@ -40,7 +40,9 @@ from distill_jax import distilled as distilled_lib
 from distill_jax import io as io_lib
 from distill_jax import models
 from distill_jax.data import augment
-from distill_jax.methods.base import METHODS, Method, RealData
+from distill_jax.methods.base import (  # DivergenceError: re-exported for callers.
+    METHODS, DivergenceError, Method, RealData, finite_host_metrics,
+)
 from distill_jax.objectives import param_matching_loss, unroll_student
 from distill_jax.training import experts as experts_lib
 
@@ -49,10 +51,6 @@ PyTree = Any
 
 INITS = ("real", "noise")
 STUDENT_LOOPS = ("auto", "scan", "unrolled")
-
-
-class DivergenceError(ValueError):
-  """The matching loss or the learned lr became NaN or infinite; the message names the fix."""
 
 
 @flax.struct.dataclass
@@ -297,19 +295,15 @@ def initial_images(config: ml_collections.ConfigDict, data: RealData,
   return np.asarray(x_real, np.float32), np.asarray(y_syn, np.int32)
 
 
-def _host_metrics(metrics: dict[str, Array]) -> dict[str, float]:
-  return {name: float(value) for name, value in jax.device_get(metrics).items()}
-
-
 def _check_finite(step: int, metrics: dict[str, Array], config) -> dict[str, float]:
-  host = _host_metrics(metrics)
-  if not (math.isfinite(host["loss"]) and math.isfinite(host["lr"])):
-    raise DivergenceError(
-        f"MTT diverged at iteration {step} (loss={host['loss']}, learned lr={host['lr']}); lower "
-        f"lr_img (now {config.lr_img}) or lr_lr (now {config.lr_lr}); the last checkpoint holds "
-        "the last finite state"
-    )
-  return host
+  return finite_host_metrics(
+      metrics, ("loss", "lr"),
+      lambda host: (
+          f"MTT diverged at iteration {step} (loss={host['loss']}, learned lr={host['lr']}); "
+          f"lower lr_img (now {config.lr_img}) or lr_lr (now {config.lr_lr}); the last checkpoint "
+          "holds the last finite state"
+      ),
+  )
 
 
 def _run(mtt: MTT, config, buffer, state: MTTState, y_syn: Array, checkpointer, writer,

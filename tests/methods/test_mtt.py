@@ -149,10 +149,11 @@ def test_config_table_presets_and_checks():
   assert tiny.experts.model_kwargs.depth == 4 and tiny.eval.overrides.mtt.depth == 4
   cpu = mtt_config.get_config("fashion_mnist,ipc=10,cpu")
   assert (cpu.syn_steps, cpu.experts.model_kwargs.width, cpu.dataset) == (10, 16, "fashion_mnist")
+  assert (cpu.expert_epochs, cpu.max_start_epoch, cpu.preprocessing) == (1, 3, "zca_kornia")
   mtt.check_config(cpu)
   mtt.check_buffer(cpu, cpu.experts.num_epochs)
-  with pytest.raises(ValueError, match="needs expert epochs up to 4 but the experts train 3"):
-    mtt.check_buffer(cpu, 3)
+  with pytest.raises(ValueError, match="needs expert epochs up to 3 but the experts train 2"):
+    mtt.check_buffer(cpu, 2)
   with pytest.raises(ValueError, match="remat=True needs student_loop='scan'"):
     mtt.check_config(mtt_config.get_config("remat=True,student_loop=unrolled"))
   with pytest.raises(ValueError, match="unknown student_loop 'loop'"):
