@@ -9,7 +9,8 @@ Shapes:
                  their flipped copies in the kernel, ConvNet width 128 (128/256/512) with batch
                  norm, 1024 real images per step, a pool of 10 (configs/frepo.py:cifar10,ipc=10).
   cpu            the CPU preset on Fashion-MNIST IPC 10 (configs/frepo.py:fashion_mnist,ipc=10,
-                 cpu): 28x28x1, width 64, 256 real images.
+                 cpu): 28x28x1, width 32, 256 real images.
+  cpu_width64    the same at the width of the authors' CPU run (64).
 
 The real images are random (the step's cost does not depend on their values), so no dataset is
 needed. FLOPs are XLA's `cost_analysis()` of the compiled step; it counts both branches of the

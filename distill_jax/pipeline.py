@@ -45,6 +45,7 @@ def load_real_data(dataset: str, preprocessing: str) -> RealData:
       x_test=np.asarray(preprocessor.apply(x_test), np.float32),
       y_test=y_test,
       preprocessor=preprocessor,
+      source_fingerprint=data_lib.fingerprint(x_train, y_train),
   )
 
 

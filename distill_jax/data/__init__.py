@@ -22,6 +22,7 @@ from distill_jax.data.datasets import DATASETS
 from distill_jax.data.datasets import DataNotFoundError
 from distill_jax.data.datasets import DatasetInfo
 from distill_jax.data.datasets import DatasetSource
+from distill_jax.data.datasets import fingerprint
 from distill_jax.data.datasets import info
 from distill_jax.data.datasets import load
 from distill_jax.data.datasets import prepare
@@ -48,6 +49,7 @@ __all__ = [
     "dsa",
     "dsa_apply",
     "dsa_params",
+    "fingerprint",
     "fit_preprocessor",
     "frepo_apply",
     "frepo_augment",

@@ -25,6 +25,9 @@ class RealData:
     x_test: `(M, H, W, channels)` float32, preprocessed the same way.
     y_test: `(M,)` int32.
     preprocessor: the fitted `distill_jax.data.Preprocessor` (its `invert` turns sets back into images).
+    source_fingerprint: a digest of the raw (unpreprocessed) training arrays, or None. Caches keyed
+      on the data (the expert buffers) use it with the preprocessing name instead of hashing
+      `x_train`, whose last bits depend on the XLA thread count that fitted e.g. a ZCA matrix.
   """
 
   name: str
@@ -36,6 +39,7 @@ class RealData:
   x_test: np.ndarray
   y_test: np.ndarray
   preprocessor: Any
+  source_fingerprint: str | None = None
 
   def set_meta(self, method: str, ipc: int):
     """The `distilled.SetMeta` of a set made from this data by `method` at `ipc` images per class."""

@@ -77,6 +77,7 @@ from absl import logging
 
 from distill_jax import models
 from distill_jax.data import augment
+from distill_jax.data.datasets import fingerprint
 
 PyTree = Any
 
@@ -104,8 +105,9 @@ class ExpertSpec:
   Attributes:
     dataset: name of the real dataset (`RealData.name`).
     preprocessing: preprocessor kind the training arrays went through (e.g. "zca_kornia").
-    data_fingerprint: sha256 (hex, 16 chars) of the training images and labels: any change of
-      the arrays (subset, preprocessing details, latent encoder) gives another buffer.
+    data_fingerprint: sha256 (hex, 16 chars) of the raw training images and labels
+      (`RealData.source_fingerprint`), else of the arrays as given: another subset, source or
+      latent encoder gives another buffer, another XLA thread count fitting the same ZCA does not.
     image_shape: `(H, W, C)` of the training inputs.
     num_classes: classes C.
     model: name in `distill_jax.models.MODELS`.
@@ -162,7 +164,11 @@ class ExpertSpec:
     return cls(
         dataset=data.name,
         preprocessing=preprocessing,
-        data_fingerprint=fingerprint(data.x_train, data.y_train),
+        # The raw arrays' digest when the loader recorded it (with `preprocessing` above it
+        # names the data exactly and does not depend on float bits of a fitted whitening);
+        # hand-built data without it is keyed on its arrays as given.
+        data_fingerprint=(getattr(data, "source_fingerprint", None)
+                          or fingerprint(data.x_train, data.y_train)),
         image_shape=tuple(data.x_train.shape[1:]),
         num_classes=int(data.num_classes),
         **fields,
@@ -197,15 +203,6 @@ class ExpertSpec:
     if self.weight_decay:
       return optax.chain(optax.add_decayed_weights(self.weight_decay), sgd)
     return sgd
-
-
-def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-  """16 hex chars of sha256 over the shapes, dtypes and bytes of `x` and `y`."""
-  h = hashlib.sha256()
-  for a in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(memoryview(a).cast("B"))
-  return h.hexdigest()[:16]
 
 
 def expert_spec(config: ml_collections.ConfigDict, data) -> ExpertSpec:

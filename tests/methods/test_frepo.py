@@ -167,6 +167,7 @@ def test_config_presets_and_defaults():
   grey = frepo_config.get_config("fashion_mnist,ipc=1,cpu")
   assert not grey.use_flip and grey.preprocessing == "standardize" and grey.ipc == 1
   assert (grey.width, grey.real_batch_size, grey.norm) == (32, 256, "batch")
+  assert (grey.num_steps, grey.outer_lr) == (2000, 3e-3)
   assert frepo_config.get_config("smoke,fashion_mnist").dataset == "fashion_mnist"
   with pytest.raises(ValueError, match="unknown preset"):
     frepo_config.get_config("imagenet")

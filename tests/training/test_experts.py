@@ -178,6 +178,28 @@ def test_spec_digest_and_mismatch(trained, tmp_path):
     experts.ExpertSpec.create(data, preprocessing="none", momentum=1.0)
 
 
+def test_spec_keys_on_the_raw_data_digest_when_the_loader_records_it():
+  """The same raw data and preprocessing name give one buffer even if the float bits differ."""
+  import dataclasses
+  import hashlib
+
+  data = toy_data()
+  raw = dataclasses.replace(data, source_fingerprint="0123456789abcdef")
+  jittered = dataclasses.replace(raw, x_train=np.nextafter(raw.x_train, np.inf))
+  spec = experts.ExpertSpec.create(raw, preprocessing="zca_kornia", **SPEC_FIELDS)
+  assert spec.data_fingerprint == "0123456789abcdef"
+  assert experts.ExpertSpec.create(jittered, preprocessing="zca_kornia", **SPEC_FIELDS) == spec
+  # Without a recorded digest the arrays themselves are hashed, so the jitter shows.
+  plain = experts.ExpertSpec.create(data, preprocessing="zca_kornia", **SPEC_FIELDS)
+  bare = dataclasses.replace(jittered, source_fingerprint=None)
+  assert experts.ExpertSpec.create(bare, preprocessing="zca_kornia", **SPEC_FIELDS) != plain
+  # `fingerprint` against an independent sha256 of the same bytes.
+  h = hashlib.sha256()
+  for a in (data.x_train, data.y_train):
+    h.update(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+  assert plain.data_fingerprint == h.hexdigest()[:16]
+
+
 def test_ensure_buffer_uses_the_cache_directory(trained, tmp_path, monkeypatch):
   data, spec, path, _, _ = trained
   config = ml_collections.ConfigDict({
