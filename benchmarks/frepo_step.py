@@ -18,6 +18,8 @@ pool member's train-or-reset `cond`, so the achieved FLOP/s is an upper estimate
 (float32, n x n times n x n, 2 n^3 FLOPs) shows what the same device reaches on dense algebra.
 """
 
+import os
+import sys
 import time
 
 import jax
@@ -25,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import frepo as frepo_config
-from distill_jax.methods import frepo
+# Run as a script from anywhere: the repository root holds `configs`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import frepo as frepo_config  # noqa: E402
+from distill_jax.methods import frepo  # noqa: E402
 
 SHAPES = {
     "cifar10_ipc10": ("cifar10,ipc=10", (32, 32, 3), 10),
