@@ -129,11 +129,11 @@ PRESETS = {
     # A width-16 ConvNet (XLA:CPU convolutions dominate everything), 4 experts x 3 epochs
     # (start epochs 0-2, targets up to epoch 3), N = 10 student steps, 600 iterations; MTT's
     # protocol evaluates with the width the set was distilled for and the learned lr. Kornia
-    # ZCA as MTT's CIFAR-10 IPC 1 and IPC 10 rows. Ours, not the authors' (chosen on Fashion-MNIST IPC 1, figures in
-    # docs/results.md): with N = 10 steps against 2 expert epochs (470 SGD steps) and lr_lr
-    # 1e-7 the images blow up into high-frequency patterns and the set falls below the random
-    # subset; M = 1, lr_img 100 and lr_lr 1e-5 let the learned lr grow instead (0.01 -> 0.06
-    # at IPC 1 and 0.08 at IPC 10 in 600 iterations).
+    # ZCA as MTT's CIFAR-10 IPC 1 and IPC 10 rows. Ours, not the authors' (chosen on
+    # Fashion-MNIST IPC 1, figures in docs/results.md): with N = 10 steps against 2 expert
+    # epochs (470 SGD steps) and lr_lr 1e-7 the images blow up into high-frequency patterns
+    # and the set falls below the random subset; M = 1, lr_img 100 and lr_lr 1e-5 let the
+    # learned lr grow instead (0.01 -> 0.06 at IPC 1 and 0.08 at IPC 10 in 600 iterations).
     "cpu": {
         "preprocessing": "zca_kornia",
         "syn_steps": 10,

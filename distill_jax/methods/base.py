@@ -28,6 +28,7 @@ class RealData:
     source_fingerprint: a digest of the raw (unpreprocessed) training arrays, or None. Caches keyed
       on the data (the expert buffers) use it with the preprocessing name instead of hashing
       `x_train`, whose last bits depend on the XLA thread count that fitted e.g. a ZCA matrix.
+      Code that swaps in other training arrays (a subset, latent codes) must reset it to None.
   """
 
   name: str
