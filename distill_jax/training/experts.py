@@ -435,14 +435,17 @@ def train_experts(
       train_epoch = make_train_epoch(spec, int(x_train.shape[0]))
       evaluate = make_evaluate(spec)
       checkpointer = ocp.PyTreeCheckpointer()
-      for shard in todo:
+      epoch_seconds = []  # Every epoch this call trains, for the log's time-left estimate.
+      for i, shard in enumerate(todo):
         _train_shard(spec, path, shard, train_epoch, evaluate, checkpointer,
-                     x_train, y_train, x_test, y_test)
+                     x_train, y_train, x_test, y_test, epoch_seconds=epoch_seconds,
+                     later_epochs=spec.num_epochs * (len(todo) - i - 1))
   return TrajectoryBuffer(path, num_experts=num_experts)
 
 
 def _train_shard(spec, path, shard, train_epoch, evaluate, checkpointer,
-                 x_train, y_train, x_test, y_test) -> None:
+                 x_train, y_train, x_test, y_test, *, epoch_seconds: list[float],
+                 later_epochs: int) -> None:
   shard_dir = _shard_dir(path, shard)
   os.makedirs(shard_dir, exist_ok=True)
   for name in os.listdir(shard_dir):
@@ -474,10 +477,14 @@ def _train_shard(spec, path, shard, train_epoch, evaluate, checkpointer,
           f"lower experts.lr (now {spec.lr})"
       )
     _save_epoch(checkpointer, shard_dir, epoch, params, opt_state, loss=loss, accuracy=accuracy)
+    epoch_seconds.append(time.perf_counter() - start)
+    # The median leaves out the first epoch's compilation once there are a few.
+    left = (spec.num_epochs - epoch + later_epochs) * float(np.median(epoch_seconds))
     logging.info(
-        "Shard %d epoch %d/%d: train loss %s, test accuracy %s (%.1f s)", shard, epoch,
-        spec.num_epochs, np.round(loss, 4).tolist(), np.round(np.asarray(accuracy), 4).tolist(),
-        time.perf_counter() - start,
+        "Shard %d epoch %d/%d: train loss %s, test accuracy %s (%.1f s; the buffer needs about "
+        "%s more)", shard, epoch, spec.num_epochs, np.round(loss, 4).tolist(),
+        np.round(np.asarray(accuracy), 4).tolist(), epoch_seconds[-1],
+        f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min",
     )
   metrics = [
       checkpointer.restore(
