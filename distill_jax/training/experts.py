@@ -167,8 +167,7 @@ class ExpertSpec:
         # The raw arrays' digest when the loader recorded it (with `preprocessing` above it
         # names the data exactly and does not depend on float bits of a fitted whitening);
         # hand-built data without it is keyed on its arrays as given.
-        data_fingerprint=(getattr(data, "source_fingerprint", None)
-                          or fingerprint(data.x_train, data.y_train)),
+        data_fingerprint=data.source_fingerprint or fingerprint(data.x_train, data.y_train),
         image_shape=tuple(data.x_train.shape[1:]),
         num_classes=int(data.num_classes),
         **fields,
