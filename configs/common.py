@@ -70,8 +70,8 @@ def apply_arg(
           f"unknown preset {name!r} in config argument {arg!r}; valid presets: "
           f"{', '.join(sorted(presets))}"
       )
-    _update(config, presets[name], source=f"preset {name!r}")
-  _update(config, overrides, source=f"config argument {arg!r}")
+    update(config, presets[name], source=f"preset {name!r}")
+  update(config, overrides, source=f"config argument {arg!r}")
   return config
 
 
@@ -79,13 +79,15 @@ def apply_arg(
 FREEFORM = ("eval.overrides", "full_data_overrides")
 
 
-def _update(
+def update(
     config: ml_collections.ConfigDict,
     values: Mapping[str, Any],
     *,
     source: str,
     prefix: str = "",
-):
+) -> None:
+  """Sets `values` (nested dicts or dotted keys) in `config`; unknown keys raise a `ValueError`
+  naming `source` and the valid keys (sub-keys of `FREEFORM` fields may be new)."""
   for key, value in values.items():
     *parents, leaf = key.split(".")
     target, path = config, prefix
@@ -105,13 +107,14 @@ def _update(
         )
       target[leaf] = ml_collections.ConfigDict() if isinstance(value, Mapping) else value
     if isinstance(target[leaf], ml_collections.ConfigDict) and isinstance(value, Mapping):
-      _update(target[leaf], value, source=source, prefix=path)
+      update(target[leaf], value, source=source, prefix=path)
     else:
       current = target[leaf]
       # Accept an int literal for a float field (`lr=1`); other types stay strict.
       if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
       target[leaf] = value
+
 
 def base_config(method: str) -> ml_collections.ConfigDict:
   """The fields every distillation config shares; method files add their own beside them."""

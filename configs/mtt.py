@@ -11,7 +11,7 @@ GeorgeCazenavette/mtt-distillation issue #7 "Complete Hyperparameters"); "buffer
 released README's example command.
 
 The per-dataset and per-IPC values (`TABLE`) are applied for the dataset and ipc the argument
-names, before the presets and the `key=value` overrides, so `cifar10,ipc=10,syn_steps=40` keeps
+names, before the presets and the `key=value` overrides, so `cifar10,ipc=10,inner.steps=40` keeps
 the table's other CIFAR-10 IPC-10 values and changes N alone. An ipc between table rows takes
 the row of the largest table ipc below it (the smallest row when ipc is below all rows).
 
@@ -29,56 +29,51 @@ from configs import common
 
 _DSA = "color_crop_cutout_flip_scale_rotate"  # buffer.py / distill.py --dsa_strategy default.
 
+
+def _settings(steps: int, expert_epochs: int, max_start_epoch: int, lr_img: float, lr_lr: float,
+              lr: float, preprocessing: str, batch_size: int = 0) -> dict[str, Any]:
+  """One row of MTT's table: N, M, T+, lr_img, lr_lr, the starting student lr, ZCA or not."""
+  return {"inner.steps": steps, "inner.expert_epochs": expert_epochs,
+          "inner.max_start_epoch": max_start_epoch, "outer.lr_img": lr_img,
+          "outer.lr_lr": lr_lr, "inner.lr": lr, "inner.batch_size": batch_size,
+          "preprocessing": preprocessing}
+
+
 # (dataset, ipc) -> values. ZCA rows use the Kornia-style whitening of the released utils.py
 # (kornia ZCAWhitening(eps=0.1) on [0, 1] images), distill_jax's "zca_kornia".
 TABLE: dict[tuple[str, int], dict[str, Any]] = {
     # CIFAR-10 (ConvNet depth 3).
     # IPC 1: table N=50, M=2, T+=2, ZCA; lr_img 100 and lr_lr 1e-7 as transcribed from the table
     # in cvlab-yonsei/FYI MTT/scripts and Zhong0x29a/MCT run_command.md ("Original MTT").
-    ("cifar10", 1): dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=100.0,
-                         lr_lr=1e-7, lr_teacher=0.01, preprocessing="zca_kornia"),
+    ("cifar10", 1): _settings(50, 2, 2, 100.0, 1e-7, 0.01, "zca_kornia"),
     # IPC 10: table N=30, M=2, T+=20, ZCA, lr_lr 1e-4 (table, as transcribed in the two repos
     # above). The table's lr_img 1e5 is a typo the authors confirmed in issue #31 (it blows up
     # the learned lr); 1000 (distill.py default, stable in that thread) instead.
-    ("cifar10", 10): dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=1000.0,
-                          lr_lr=1e-4, lr_teacher=0.01, preprocessing="zca_kornia"),
+    ("cifar10", 10): _settings(30, 2, 20, 1000.0, 1e-4, 0.01, "zca_kornia"),
     # IPC 50: table N=30, M=2, T+=40, no ZCA, lr_img 1000, lr_lr 1e-5, starting lr 0.001
     # (MCT run_command.md "Original MTT", no-ZCA IPC 50).
-    ("cifar10", 50): dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_img=1000.0,
-                          lr_lr=1e-5, lr_teacher=0.001, preprocessing="standardize"),
+    ("cifar10", 50): _settings(30, 2, 40, 1000.0, 1e-5, 0.001, "standardize"),
     # CIFAR-100. IPC 1: the README command (N=20, M=3, T+=20, ZCA, 1000, 1e-5, 0.01).
-    ("cifar100", 1): dict(syn_steps=20, expert_epochs=3, max_start_epoch=20, lr_img=1000.0,
-                          lr_lr=1e-5, lr_teacher=0.01, preprocessing="zca_kornia"),
+    ("cifar100", 1): _settings(20, 3, 20, 1000.0, 1e-5, 0.01, "zca_kornia"),
     # IPC 10: table N=20, M=2, T+=20, no ZCA, 1000, 1e-5, 0.01.
-    ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, lr_img=1000.0,
-                           lr_lr=1e-5, lr_teacher=0.01, preprocessing="standardize"),
+    ("cifar100", 10): _settings(20, 2, 20, 1000.0, 1e-5, 0.01, "standardize"),
     # IPC 50: table N=80, M=2, T+=40, synthetic batch 125, ZCA, 1000, 1e-5, 0.01.
-    ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1000.0,
-                           lr_lr=1e-5, lr_teacher=0.01, batch_syn=125,
-                           preprocessing="zca_kornia"),
+    ("cifar100", 50): _settings(80, 2, 40, 1000.0, 1e-5, 0.01, "zca_kornia", batch_size=125),
     # Tiny ImageNet (64x64: ConvNet depth 4 in the table). No ZCA, lr_img 1e4, lr_lr 1e-4,
     # M=2, T+=40; N = 10 / 20 / 40 for IPC 1 / 10 / 50.
-    ("tiny_imagenet", 1): dict(syn_steps=10, expert_epochs=2, max_start_epoch=40, lr_img=10000.0,
-                               lr_lr=1e-4, lr_teacher=0.01, preprocessing="standardize"),
-    ("tiny_imagenet", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=40,
-                                lr_img=10000.0, lr_lr=1e-4, lr_teacher=0.01,
-                                preprocessing="standardize"),
-    ("tiny_imagenet", 50): dict(syn_steps=40, expert_epochs=2, max_start_epoch=40,
-                                lr_img=10000.0, lr_lr=1e-4, lr_teacher=0.01,
-                                preprocessing="standardize"),
+    ("tiny_imagenet", 1): _settings(10, 2, 40, 10000.0, 1e-4, 0.01, "standardize"),
+    ("tiny_imagenet", 10): _settings(20, 2, 40, 10000.0, 1e-4, 0.01, "standardize"),
+    ("tiny_imagenet", 50): _settings(40, 2, 40, 10000.0, 1e-4, 0.01, "standardize"),
     # ImageNet subsets at 128x128 (ConvNetD5): the README's imagefruit command (N=20, M=2,
     # T+=10, lr_img 1000, lr_lr 1e-6, 0.01, no ZCA).
-    ("imagenette", 1): dict(syn_steps=20, expert_epochs=2, max_start_epoch=10, lr_img=1000.0,
-                            lr_lr=1e-6, lr_teacher=0.01, preprocessing="standardize"),
+    ("imagenette", 1): _settings(20, 2, 10, 1000.0, 1e-6, 0.01, "standardize"),
 }
 
 # Datasets without a table row (not in the MTT paper): CIFAR-10's no-ZCA settings (N=30, M=2,
 # T+=20 at IPC >= 10; N=50, M=2, T+=2 at IPC 1), standardised. Our choice, not the authors'.
 _FALLBACK = {
-    1: dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=1000.0, lr_lr=1e-7,
-            lr_teacher=0.01, preprocessing="standardize"),
-    10: dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=1000.0, lr_lr=1e-5,
-             lr_teacher=0.01, preprocessing="standardize"),
+    1: _settings(50, 2, 2, 1000.0, 1e-7, 0.01, "standardize"),
+    10: _settings(30, 2, 20, 1000.0, 1e-5, 0.01, "standardize"),
 }
 
 # Network depth by dataset: 3 blocks for 28/32 px, 4 for 64 px (table: ConvNetD4 on Tiny
@@ -103,11 +98,8 @@ PRESETS = {
     "smoke": {
         "dataset": "digits",
         "ipc": 2,
-        "syn_steps": 3,
-        "expert_epochs": 1,
-        "max_start_epoch": 3,
-        "lr_img": 100.0,
-        "lr_lr": 1e-5,
+        "inner": {"steps": 3, "expert_epochs": 1, "max_start_epoch": 3},
+        "outer": {"lr_img": 100.0, "lr_lr": 1e-5},
         "num_steps": 10,
         "log_every": 5,
         "checkpoint_every": 5,
@@ -136,11 +128,8 @@ PRESETS = {
     # learned lr grow instead (0.01 -> 0.06 at IPC 1 and 0.08 at IPC 10 in 600 iterations).
     "cpu": {
         "preprocessing": "zca_kornia",
-        "syn_steps": 10,
-        "expert_epochs": 1,
-        "max_start_epoch": 3,
-        "lr_img": 100.0,
-        "lr_lr": 1e-5,
+        "inner": {"steps": 10, "expert_epochs": 1, "max_start_epoch": 3},
+        "outer": {"lr_img": 100.0, "lr_lr": 1e-5},
         "num_steps": 600,
         "log_every": 20,
         "checkpoint_every": 50,
@@ -169,9 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # First pass: which dataset and ipc the argument asks for, to pick the table row.
   probe = common.apply_arg(_base(), arg, PRESETS)
   config = _base()
-  row = _row(probe.dataset, probe.ipc)
-  for key, value in row.items():
-    config[key] = value
+  common.update(config, _row(probe.dataset, probe.ipc), source="MTT's table")
   return common.apply_arg(config, arg, PRESETS)
 
 
@@ -183,33 +170,38 @@ def _base() -> ml_collections.ConfigDict:
   config.log_every = 10  # distill.py prints the loss every 10 iterations.
   config.checkpoint_every = 200
 
-  # Student unroll and matching (table columns; distill.py argparse defaults here).
-  config.syn_steps = 20  # N: student SGD steps per iteration (distill.py --syn_steps=20).
-  config.expert_epochs = 3  # M: the target is the expert M epochs later (--expert_epochs=3).
-  # T+: start epochs are drawn uniformly from 0 .. max_start_epoch - 1, as distill.py's
-  # np.random.randint(0, args.max_start_epoch) (LatentDD Algorithm 3 writes 0 .. T+).
-  config.max_start_epoch = 25  # --max_start_epoch=25.
-  # Synthetic images per student step; 0 = the whole set (distill.py --batch_syn=None).
-  config.batch_syn = 0
-  config.dsa = True  # --dsa=True: DSA on every student batch, a fresh draw per step.
-  config.dsa_strategy = _DSA
-
-  # Outer optimisation: SGD with momentum 0.5 on the images and on the learned student lr.
-  config.lr_img = 1000.0  # --lr_img=1000.
-  config.lr_lr = 1e-5  # --lr_lr=1e-05.
-  config.lr_teacher = 0.01  # Initial student lr (--lr_teacher=0.01, the experts' lr).
-  config.momentum = 0.5  # optimizer_img / optimizer_lr: torch.optim.SGD(momentum=0.5).
   # "real": ipc random real images per class (the paper's runs; distill.py --pix_init=real);
   # "noise": N(0, 1) in preprocessed units (distill.py's default 'noise').
   config.init = "real"
+
+  # Outer optimisation: SGD with momentum 0.5 on the images and on the learned student lr.
+  config.outer = ml_collections.ConfigDict()
+  config.outer.lr_img = 1000.0  # --lr_img=1000.
+  config.outer.lr_lr = 1e-5  # --lr_lr=1e-5.
+  config.outer.momentum = 0.5  # optimizer_img / optimizer_lr: torch.optim.SGD(momentum=0.5).
+
+  # The student unroll and the matching target (table columns; distill.py argparse defaults).
+  config.inner = ml_collections.ConfigDict()
+  config.inner.steps = 20  # N: student SGD steps per iteration (distill.py --syn_steps=20).
+  # M: the target is the expert M epochs after the start (--expert_epochs=3).
+  config.inner.expert_epochs = 3
+  # T+: start epochs are drawn uniformly from 0 .. max_start_epoch - 1, as distill.py's
+  # np.random.randint(0, args.max_start_epoch) (LatentDD Algorithm 3 writes 0 .. T+).
+  config.inner.max_start_epoch = 25  # --max_start_epoch=25.
+  # Synthetic images per student step; 0 = the whole set (distill.py --batch_syn=None).
+  config.inner.batch_size = 0
+  config.inner.lr = 0.01  # The student lr it starts from (--lr_teacher=0.01, the experts').
+  # DSA on every student batch, a fresh draw per step (--dsa=True with the default strategy);
+  # "" for none.
+  config.inner.dsa_strategy = _DSA
   # jax.checkpoint around each student step: memory O(N x params) instead of
   # O(N x activations), for about one extra forward+backward per step.
-  config.remat = False
+  config.inner.remat = False
   # How the N student steps are compiled: "scan" (objectives.unroll_student, one lax.scan:
   # compile time independent of N, remat works; for GPU/TPU), "unrolled" (the same steps as
   # straight-line code: XLA:CPU runs convolution gradients inside loops 10-25x slower; no
   # remat), "auto" (unrolled on CPU without remat, scan otherwise).
-  config.student_loop = "auto"
+  config.inner.loop = "auto"
 
   # Expert trajectories (buffer.py).
   config.experts = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill_jax import pipeline
+from distill_jax import data as data_lib
 from distill_jax.registry import UnknownNameError
 from distill_jax.training import experts
 
@@ -36,7 +36,7 @@ def train(config, buffer_dir: str | None) -> experts.TrajectoryBuffer:
         f"config for method {config.method!r} has no `experts` block; use a trajectory-matching "
         "config such as configs/mtt.py"
     )
-  data = pipeline.load_real_data(config.dataset, config.preprocessing)
+  data = data_lib.load_real(config.dataset, config.preprocessing)
   spec = experts.expert_spec(config, data)
   path = buffer_dir or config.experts.buffer_dir or experts.default_buffer_dir(spec)
   logging.info("Expert buffer %s (digest %s): %s", path, spec.digest(), json.dumps(spec.to_dict()))

@@ -1,7 +1,8 @@
 """Datasets, preprocessing, real-data sampling and differentiable augmentation.
 
 `load(name, split)` / `info(name)` / `DATASETS` (datasets.py), `fit_preprocessor` /
-`Preprocessor` (preprocessing.py), `random_subset` / `balanced_indices` / `batch_indices`
+`Preprocessor` (preprocessing.py), `RealData` / `load_real` (real.py: the preprocessed dataset a
+method distils and its fingerprint), `random_subset` / `balanced_indices` / `random_batch`
 (sampling.py) and the DSA, FRePo and random-resized-crop augmentations (augment.py).
 """
 
@@ -30,7 +31,9 @@ from distill_jax.data.datasets import read_idx
 from distill_jax.data.preprocessing import Preprocessor
 from distill_jax.data.preprocessing import fit_preprocessor
 from distill_jax.data.sampling import balanced_indices
-from distill_jax.data.sampling import batch_indices
+from distill_jax.data.real import RealData
+from distill_jax.data.real import load_real
+from distill_jax.data.sampling import random_batch
 from distill_jax.data.sampling import class_indices
 from distill_jax.data.sampling import random_subset
 
@@ -44,7 +47,6 @@ __all__ = [
     "Preprocessor",
     "augment",
     "balanced_indices",
-    "batch_indices",
     "class_indices",
     "dsa",
     "dsa_apply",
@@ -58,6 +60,9 @@ __all__ = [
     "load",
     "prepare",
     "preprocessing",
+    "RealData",
+    "load_real",
+    "random_batch",
     "random_subset",
     "read_idx",
     "rrc_apply",

@@ -1,7 +1,7 @@
 """Sampling real images: class-balanced subsets (initialisation, baselines) and batch indices.
 
 `random_subset` is host-side numpy (a fixed `seed` gives the same subset on every machine);
-`balanced_indices` and `batch_indices` are jittable and take a typed PRNG key.
+`balanced_indices` and `random_batch` are jittable and take a typed PRNG key.
 """
 
 import functools
@@ -137,7 +137,7 @@ def _balanced_indices_core(
   return order[positions.reshape(-1)].astype(jnp.int32)
 
 
-def batch_indices(key: jax.Array, n: int, batch_size: int) -> jax.Array:
+def random_batch(key: jax.Array, n: int, batch_size: int) -> jax.Array:
   """Jittable uniform batch: `batch_size` distinct positions in `0..n-1`.
 
   Args:
@@ -148,17 +148,17 @@ def batch_indices(key: jax.Array, n: int, batch_size: int) -> jax.Array:
   Returns:
     `(batch_size,)` int32 positions, sampled uniformly without replacement.
 
-  >>> idx = batch_indices(jax.random.key(0), 10, 4)
+  >>> idx = random_batch(jax.random.key(0), 10, 4)
   >>> idx.shape, len(set(idx.tolist()))
   ((4,), 4)
   """
   if not 1 <= batch_size <= n:
     raise ValueError(f"batch_size must be in 1..n={n}, got {batch_size}")
-  return _batch_indices_core(key, n, batch_size)
+  return _random_batch_core(key, n, batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "batch_size"))
-def _batch_indices_core(key: jax.Array, n: int, batch_size: int) -> jax.Array:
+def _random_batch_core(key: jax.Array, n: int, batch_size: int) -> jax.Array:
   # The positions of the batch_size largest of n i.i.d. uniform scores: a uniformly random
   # subset in random order, with one threefry draw and a partial sort.
   _, positions = jax.lax.top_k(jax.random.uniform(key, (n,)), batch_size)

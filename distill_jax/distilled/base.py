@@ -8,6 +8,7 @@ only go through the methods of `DistilledSet`, so a new kind (latents, distribut
 sets) plugs in by registering a dataclass.
 """
 
+import abc
 import dataclasses
 import hashlib
 import types
@@ -21,6 +22,12 @@ from distill_jax.registry import Registry
 
 # Separates a field name from the key path inside a nested field in `arrays()` names.
 PATH_SEP = "/"
+
+# What a set's labels are, which decides how a training loss uses them (never guessed from
+# values): "class_ids" (N,) ints; "learned" (N, C) real-valued targets optimised with the set
+# (FRePo), regressed as they are by MSE and read as logits by cross-entropy; "probabilities"
+# (N, C) rows on the simplex; "logits" (N, C) or per-epoch teacher outputs (D3S, APM).
+LABEL_KINDS = ("class_ids", "learned", "probabilities", "logits")
 
 
 def _freeze_preprocessing(preprocessing: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -92,6 +99,7 @@ class SetMeta:
     preprocessing: `{"kind": str, **arrays}`: the preprocessor that maps images to the space the
       set lives in, as `Preprocessor.to_arrays()` gives it plus its kind; values are numpy arrays
       (numeric or string) or str, round-tripped exactly by `save`/`load`.
+    label_kind: one of `LABEL_KINDS`: what the set's labels are.
 
   >>> meta = SetMeta(method="frepo", dataset="digits", ipc=1, num_classes=10, image_shape=(8, 8, 1))
   >>> meta.preprocessing_kind
@@ -107,8 +115,13 @@ class SetMeta:
   num_classes: int
   image_shape: tuple[int, int, int]
   preprocessing: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "none"})
+  label_kind: str = "class_ids"
 
   def __post_init__(self):
+    if self.label_kind not in LABEL_KINDS:
+      raise ValueError(
+          f"SetMeta.label_kind {self.label_kind!r} is unknown; use one of {', '.join(LABEL_KINDS)}"
+      )
     for name in ("method", "dataset"):
       if not isinstance(getattr(self, name), str) or not getattr(self, name):
         raise ValueError(f"SetMeta.{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -131,10 +144,14 @@ class SetMeta:
     object.__setattr__(self, "image_shape", tuple(int(d) for d in shape))
     object.__setattr__(self, "preprocessing", _freeze_preprocessing(self.preprocessing))
     # Cached: jit hashes the static part of its arguments on every call.
-    key = (self.method, self.dataset, self.ipc, self.num_classes, self.image_shape) + tuple(
+    key = self._scalars() + tuple(
         (name, _fingerprint(value)) for name, value in sorted(self.preprocessing.items())
     )
     object.__setattr__(self, "_hash", hash(key))
+
+  def _scalars(self) -> tuple:
+    return (self.method, self.dataset, self.ipc, self.num_classes, self.image_shape,
+            self.label_kind)
 
   @property
   def preprocessing_kind(self) -> str:
@@ -154,8 +171,7 @@ class SetMeta:
     if not isinstance(other, SetMeta) or hash(self) != hash(other):
       return False
     return (
-        (self.method, self.dataset, self.ipc, self.num_classes, self.image_shape)
-        == (other.method, other.dataset, other.ipc, other.num_classes, other.image_shape)
+        self._scalars() == other._scalars()
         and self.preprocessing.keys() == other.preprocessing.keys()
         and all(_values_equal(v, other.preprocessing[k]) for k, v in self.preprocessing.items())
     )
@@ -169,7 +185,7 @@ class SetMeta:
     return (
         f"SetMeta(method={self.method!r}, dataset={self.dataset!r}, ipc={self.ipc}, "
         f"num_classes={self.num_classes}, image_shape={self.image_shape}, "
-        f"preprocessing={{{entries}}})"
+        f"label_kind={self.label_kind!r}, preprocessing={{{entries}}})"
     )
 
   def to_json(self) -> dict[str, Any]:
@@ -180,6 +196,7 @@ class SetMeta:
         "ipc": self.ipc,
         "num_classes": self.num_classes,
         "image_shape": list(self.image_shape),
+        "label_kind": self.label_kind,
     }
 
 
@@ -197,15 +214,56 @@ def _leaf_name(field: str, path: tuple) -> str:
   return PATH_SEP.join(parts)
 
 
-class DistilledSet:
+class DistilledSet(abc.ABC):
   """Base class of the distilled-set kinds; subclasses are dataclasses made by `register_kind`.
 
   A subclass declares its array fields (arrays, nested dicts of arrays such as decoder
-  parameters, or None for an absent optional array) and `meta: SetMeta` as a keyword-only field.
+  parameters, or None for an absent optional array) and `meta: SetMeta` as a keyword-only field,
+  and implements the training protocol below. Evaluation, image grids and reports use nothing
+  else, so a new kind (decoded latents, distributions sampled anew each step, relabelled images
+  replayed with recorded crops) is evaluated without any change outside its module:
+
+  - `num_examples`: N, the examples an epoch visits.
+  - `draw(indices, key=, epoch=)`: a training batch `(x (B, H, W, C), y)` for `indices (B,)`,
+    pure and jittable (the set is a pytree argument of the trainer's step); `key` is fresh per
+    step (kinds that sample use it), `epoch` is the epoch of the step (kinds that replay
+    per-epoch labels use it). `y` is `(B,)` class ids or `(B, C)` floats per `label_kind`.
+  - `label_kind`: what `y` is (`LABEL_KINDS`, from `meta`).
+  - `class_ids()`: `(N,)` hard labels, for grids and class-balanced baselines.
+  - `preview()`: `(images (N, H, W, C) in the preprocessed space, class ids (N,))` to show.
+  - `training_lr()`: a learned learning rate the set carries (MTT), or None.
   """
 
   kind: ClassVar[str]
   meta: SetMeta
+
+  @property
+  @abc.abstractmethod
+  def num_examples(self) -> int:
+    """N, the number of training examples one epoch visits."""
+
+  @property
+  def label_kind(self) -> str:
+    """What the labels `draw` returns are: one of `LABEL_KINDS`."""
+    return self.meta.label_kind
+
+  @abc.abstractmethod
+  def draw(self, indices: Any, *, key: Any, epoch: Any) -> tuple[Any, Any]:
+    """The training batch of examples `indices (B,)`: `(x (B, H, W, C), y)`; jittable."""
+
+  @abc.abstractmethod
+  def class_ids(self) -> np.ndarray:
+    """`(N,)` int32 hard labels (the argmax of soft ones)."""
+
+  def preview(self) -> tuple[Any, np.ndarray]:
+    """`(x (N, H, W, C), class ids (N,))`: what an image grid of the set shows."""
+    indices = np.arange(self.num_examples)
+    x, _ = self.draw(indices, key=jax.random.key(0), epoch=0)
+    return x, self.class_ids()
+
+  def training_lr(self) -> float | None:
+    """The learning rate the set was distilled for (MTT's learned lr), or None."""
+    return None
 
   def data_fields(self) -> tuple[str, ...]:
     """Names of the fields that are pytree children (every field but `meta`)."""

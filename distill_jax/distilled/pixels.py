@@ -27,8 +27,9 @@ class PixelSet(DistilledSet):
 
   Attributes:
     x: `(N, H, W, channels)` floating images, `(H, W, channels) == meta.image_shape`.
-    y: `(N,)` integer class ids (hard labels) or `(N, C)` floating targets (soft or learned
-      labels, e.g. FRePo's learned labels or MTT/TESLA soft labels), `C == meta.num_classes`.
+    y: `(N,)` integer class ids (hard labels, `meta.label_kind == "class_ids"`) or `(N, C)`
+      floating targets whose meaning `meta.label_kind` says ("learned" for FRePo's labels,
+      "probabilities", "logits"), `C == meta.num_classes`.
     lr: optional learned scalar learning rate `()` (MTT's `syn_lr`), or None.
     meta: `SetMeta` (keyword-only).
 
@@ -40,10 +41,10 @@ class PixelSet(DistilledSet):
   >>> s = PixelSet(jnp.zeros((3, 8, 8, 1)), jnp.arange(3), meta=meta)
   >>> jax.jit(lambda t: jax.tree.map(lambda a: a + 1, t))(s).y.tolist()
   [1, 2, 3]
-  >>> PixelSet(jnp.zeros((3, 8, 8, 1)), jnp.zeros((3, 4)), meta=meta)  # doctest: +ELLIPSIS
+  >>> PixelSet(jnp.zeros((3, 8, 8, 1)), jnp.zeros((3, 3)), meta=meta)  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
-  ValueError: PixelSet soft labels y have 4 columns but meta.num_classes is 3; ...
+  ValueError: PixelSet labels y of shape (3, 3) are (N, C) floats but meta.label_kind is ...
   """
 
   x: Any
@@ -71,6 +72,13 @@ class PixelSet(DistilledSet):
     if not _is_floating(x.dtype):
       raise ValueError(f"PixelSet images x have dtype {x.dtype}; cast them to float32")
     lead = tuple(x.shape[:-3])  # (N,) or (*batch, N).
+    hard = meta.label_kind == "class_ids"
+    if y.ndim != len(lead) + (0 if hard else 1) and y.ndim in (len(lead), len(lead) + 1):
+      raise ValueError(
+          f"PixelSet labels y of shape {tuple(y.shape)} are "
+          f"{'(N, C) floats' if hard else '(N,) class ids'} but meta.label_kind is "
+          f"{meta.label_kind!r}; build the meta with the label_kind of these labels"
+      )
     if y.ndim == len(lead):
       if _is_floating(y.dtype):
         raise ValueError(
@@ -111,7 +119,18 @@ class PixelSet(DistilledSet):
     """N, the number of synthetic images."""
     return int(self.x.shape[-4])
 
-  @property
-  def has_soft_labels(self) -> bool:
-    """Whether `y` holds `(N, C)` float targets rather than `(N,)` class ids."""
-    return self.y.ndim == self.x.ndim - 2
+  def draw(self, indices: Any, *, key: Any = None, epoch: Any = None) -> tuple[Any, Any]:
+    """`(x[indices], y[indices])`: pixels need neither a key nor the epoch."""
+    del key, epoch
+    return self.x[indices], self.y[indices]
+
+  def class_ids(self) -> np.ndarray:
+    """`(N,)` int32: `y`, or the argmax of soft/learned labels."""
+    y = np.asarray(self.y)
+    return (y if self.label_kind == "class_ids" else np.argmax(y, axis=-1)).astype(np.int32)
+
+  def preview(self) -> tuple[Any, np.ndarray]:
+    return self.x, self.class_ids()
+
+  def training_lr(self) -> float | None:
+    return None if self.lr is None else float(np.asarray(self.lr))

@@ -203,8 +203,12 @@ def load(path: str | os.PathLike) -> DistilledSet:
       )
     else:
       preprocessing[name] = values[f"preprocessing:{name}"]
-  meta = SetMeta(**record["meta"], preprocessing=preprocessing)
   set_arrays = {name: values[name] for name in record["arrays"]}
+  fields = dict(record["meta"])
+  if "label_kind" not in fields:  # Saved before sets said what their labels are.
+    labels = set_arrays.get("y")
+    fields["label_kind"] = "learned" if labels is not None and labels.ndim == 2 else "class_ids"
+  meta = SetMeta(**fields, preprocessing=preprocessing)
   return KINDS.get(record["kind"]).from_arrays(set_arrays, meta)
 
 

@@ -1,31 +1,23 @@
-"""Retrain-from-scratch evaluation: named protocols and a vmapped multi-network trainer.
+"""Retrain-from-scratch evaluation: named protocols, `evaluate` for any set kind, KRR evaluation.
 
-`evaluate(x_train, y_train, x_test, y_test, protocol, num_classes=..., seed=...)` trains
-`num_models` fresh networks on a (distilled) training set under a named protocol ("mtt",
-"frepo", "kd", "standard"; see `protocols.py` for what each follows) in one jitted, vmapped
-program and reports their final test accuracy (mean and std, never a max over time).
+`evaluate(training_set, protocol, x_test, y_test, seed=...)` trains `num_models` fresh networks
+on a distilled set (any kind: the trainer draws batches through the set's own protocol) under a
+named protocol ("mtt", "dsa", "dc", "frepo", "kd", "standard"; see `protocols.py` for what each
+follows) and reports their final test accuracy (mean and std, never a max over time).
+`krr_evaluate` is FRePo's KRR test accuracy of a set.
 """
 
+from distill_jax.evaluation.evaluate import EvalResult, check_set, evaluate
+from distill_jax.evaluation.krr import krr_accuracy, krr_evaluate
 from distill_jax.evaluation.protocols import PROTOCOLS, Protocol, get_protocol
-from distill_jax.evaluation.retrain import (
-    EvalResult,
-    TrainResult,
-    batch_indices,
-    evaluate,
-    final_accuracies,
-    prepare_targets,
-    train_networks,
-)
 
 __all__ = [
     "PROTOCOLS",
     "EvalResult",
     "Protocol",
-    "TrainResult",
-    "batch_indices",
+    "check_set",
     "evaluate",
-    "final_accuracies",
     "get_protocol",
-    "prepare_targets",
-    "train_networks",
+    "krr_accuracy",
+    "krr_evaluate",
 ]

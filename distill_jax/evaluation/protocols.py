@@ -1,10 +1,11 @@
-"""Retrain-from-scratch evaluation protocols: what network, optimiser, schedule, loss and
-augmentation a distilled set is evaluated with.
+"""Retrain-from-scratch evaluation protocols: the named training recipes a distilled set is
+evaluated with, and how its test accuracy is measured.
 
-A `Protocol` is a frozen description; `distill_jax.evaluation.evaluate` runs it. Each named
-protocol cites the released code it follows. Fields that the original code sets implicitly are
-spelled out here, and every known deviation from the original is listed in the protocol's
-comment.
+A `Protocol` is a `distill_jax.training.Recipe` with a name, the paper/code it follows, whether
+it trains with a set's learned lr, and the test batch size; `distill_jax.evaluation.evaluate`
+runs it. Each named protocol cites the released code it follows. Fields that the original code
+sets implicitly are spelled out here, and every known deviation from the original is listed in
+the protocol's comment.
 
 >>> p = get_protocol("mtt", epochs=20, width=16)
 >>> p.epochs, p.model_kwargs["width"], p.model_kwargs["norm"]
@@ -16,182 +17,50 @@ True
 """
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from distill_jax.models import model_arguments
 from distill_jax.registry import Registry
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
-LOSSES = ("ce", "mse", "kd")
-AUGMENTATIONS = ("none", "dsa", "frepo")
+from distill_jax.training.recipe import Recipe
 
 # Lookups return a fresh Protocol each time; a registered factory keeps the registry immutable.
 PROTOCOLS: Registry[Callable[[], "Protocol"]] = Registry("evaluation protocol")
 
 
 @dataclasses.dataclass(frozen=True)
-class Protocol:
+class Protocol(Recipe):
   """How networks are trained from scratch on a (distilled) training set and tested.
+
+  Every `Recipe` field, plus:
 
   Attributes:
     name: the protocol's registry name (reports show it).
-    model: a `distill_jax.models.MODELS` name.
-    model_kwargs: keyword arguments of `get_model` besides `num_classes`.
-    optimizer: "sgd" (PyTorch SGD: L2 added to the gradient, then heavy-ball momentum), "adam"
-      (PyTorch Adam: L2 added to the gradient) or "adamw" (decoupled decay, scaled by the lr).
-    lr: base learning rate; `evaluate(..., lr=)` replaces it when `use_learned_lr`.
-    use_learned_lr: whether a distilled set's learned lr (MTT) may replace `lr`; protocols
-      with a fixed lr reject `lr=` so that a pipeline passes `set.lr if
-      protocol.use_learned_lr else None`.
-    momentum: SGD momentum (unused by Adam/AdamW).
-    weight_decay: L2 / decoupled weight decay coefficient on every parameter.
-    schedule: lr multiplier over steps: "constant"; "step" (x0.1 from step
-      `max(num_steps // 2, 1)` on, MTT's E/2); "cosine" (1 -> `final_lr_fraction`); "warmup_cosine" (linear
-      0 -> 1 over `warmup_steps`, then cosine to `final_lr_fraction`, FRePo's).
-    warmup_steps: warm-up length of "warmup_cosine".
-    final_lr_fraction: the cosine schedules' final multiplier (optax's `alpha`).
-    epochs: training length in passes over the training set, or None.
-    steps: training length in optimiser steps, or None (at most one of `epochs`/`steps`).
-    steps_by_set_size: ((set size, steps), ...) used when both `epochs` and `steps` are None
-      (FRePo's table); a size between entries takes the next larger entry's steps.
-    batch_size: training batch size; a smaller set is used whole in every step.
-    loss: "ce" (cross-entropy; soft cross-entropy for (N, C) labels), "mse" (FRePo's
-      `0.5 * sum_c` squared error on the labels) or "kd" (knowledge distillation from teacher
-      logits at `temperature`).
-    temperature: KD temperature for "kd"; for "ce" with real-valued (non-probability) labels
-      the targets are `softmax(y / temperature)` (FRePo's "softxent" convention).
-    augmentation: on every training batch: "dsa" (`distill_jax.data.augment.dsa`), "frepo"
-      (FRePo's augmax ops, `augment.frepo_augment`, one op per batch) or "none".
-    aug_strategy: ops joined by "_", e.g. DSA's "color_crop_cutout_flip_scale_rotate".
-    aug_mode: DSA mode ("single" picks one op per batch, "multiple" applies all); "frepo"
-      always picks one.
-    no_flip_grayscale: drop "flip" from the strategy for 1-channel images (FRePo flips only
-      RGB datasets).
+    use_learned_lr: whether a set's learned lr (`set.training_lr()`, MTT) replaces `lr`.
     test_batch_size: batch size of the test-set forward passes (does not change results).
     source: the paper/released code this protocol follows.
   """
 
-  name: str
-  model: str = "convnet"
-  model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  optimizer: str = "sgd"
-  lr: float = 0.01
+  name: str = "custom"
   use_learned_lr: bool = False
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  schedule: str = "step"
-  warmup_steps: int = 0
-  final_lr_fraction: float = 0.0
-  epochs: int | None = None
-  steps: int | None = None
-  steps_by_set_size: tuple[tuple[int, int], ...] | None = None
-  batch_size: int = 256
-  loss: str = "ce"
-  temperature: float = 1.0
-  augmentation: str = "dsa"
-  aug_strategy: str = "color_crop_cutout_flip_scale_rotate"
-  aug_mode: str = "single"
-  no_flip_grayscale: bool = False
   test_batch_size: int = 500
   source: str = ""
 
+  __hash__ = Recipe.__hash__
+
   def __post_init__(self):
-    # A private copy: a caller mutating its dict must not change a frozen protocol.
-    object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
-    _check_choice(self.optimizer, OPTIMIZERS, "optimizer")
-    _check_choice(self.schedule, SCHEDULES, "schedule")
-    _check_choice(self.loss, LOSSES, "loss")
-    _check_choice(self.augmentation, AUGMENTATIONS, "augmentation")
-    for field in ("batch_size", "test_batch_size"):
-      _check_positive_int(getattr(self, field), field)
-    for field in ("epochs", "steps"):
-      if getattr(self, field) is not None:
-        _check_positive_int(getattr(self, field), field)
-    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-      raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
-    if self.epochs is not None and self.steps is not None:
-      raise ValueError(
-          f"protocol {self.name!r} sets both epochs={self.epochs} and steps={self.steps}; "
-          "set only one"
-      )
-    if self.epochs is None and self.steps is None and not self.steps_by_set_size:
-      raise ValueError(f"protocol {self.name!r} needs epochs, steps or steps_by_set_size")
-    for field in ("lr", "temperature"):
-      value = getattr(self, field)
-      if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{field} must be a positive finite number, got {value!r}")
-    for field in ("momentum", "final_lr_fraction"):
-      value = getattr(self, field)
-      if not (isinstance(value, (int, float)) and 0 <= value <= 1):
-        raise ValueError(f"{field} must be in [0, 1], got {value!r}")
-    if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-    if self.augmentation != "none" and not self.aug_strategy:
-      raise ValueError(
-          f"augmentation={self.augmentation!r} needs a non-empty aug_strategy; or use 'none'"
-      )
-
-  def effective_batch_size(self, num_train: int) -> int:
-    """The batch size used on `num_train` examples: `min(batch_size, num_train)`."""
-    return min(self.batch_size, num_train)
-
-  def steps_per_epoch(self, num_train: int) -> int:
-    """Batches per pass over `num_train` examples, the last one partial (drop_last=False)."""
-    return -(-num_train // self.effective_batch_size(num_train))
-
-  def num_steps(self, num_train: int) -> int:
-    """Optimiser steps on a training set of `num_train` examples.
-
-    `steps` if set; else `epochs * steps_per_epoch`; else FRePo's table, where a size
-    between two entries takes the larger entry's steps and a size above the largest entry
-    takes the largest entry's steps.
-    """
-    if num_train < 1:
-      raise ValueError(f"the training set is empty (num_train={num_train}); pass some examples")
-    if self.steps is not None:
-      return self.steps
-    if self.epochs is not None:
-      return self.epochs * self.steps_per_epoch(num_train)
-    table = sorted(self.steps_by_set_size)
-    for size, steps in table:
-      if num_train <= size:
-        return steps
-    return table[-1][1]
-
-  def strategy_for(self, channels: int) -> str:
-    """The DSA strategy used on images with `channels` channels."""
-    if self.no_flip_grayscale and channels == 1:
-      return "_".join(op for op in self.aug_strategy.split("_") if op != "flip")
-    return self.aug_strategy
-
-  def to_dict(self) -> dict[str, Any]:
-    """A JSON-ready dict of every field (for reports and config records)."""
-    out = dataclasses.asdict(self)
-    out["model_kwargs"] = dict(self.model_kwargs)
-    if self.steps_by_set_size is not None:
-      out["steps_by_set_size"] = [list(pair) for pair in self.steps_by_set_size]
-    return out
-
-
-def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-  if value not in choices:
-    raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
-
-
-def _check_positive_int(value: Any, what: str) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{what} must be a positive int, got {value!r}")
+    super().__post_init__()
+    if isinstance(self.test_batch_size, bool) or not isinstance(self.test_batch_size, int) or (
+        self.test_batch_size < 1):
+      raise ValueError(f"test_batch_size must be a positive int, got {self.test_batch_size!r}")
 
 
 @PROTOCOLS.register("mtt")
 def _mtt() -> Protocol:
   # MTT, GeorgeCazenavette/mtt-distillation utils.py `evaluate_synset` and distill.py args:
   # get_network('ConvNet') = width 128, depth 3, relu, instancenorm, avgpooling (PyTorch init);
-  # SGD(lr=args.lr_net, momentum=0.9, weight_decay=0.0005), lr_net = the learned syn_lr (pass
-  # it as evaluate(lr=)) or lr_teacher 0.01; nn.CrossEntropyLoss; DataLoader(batch_train=256,
+  # SGD(lr=args.lr_net, momentum=0.9, weight_decay=0.0005), lr_net = the learned syn_lr (the
+  # set's training_lr()) or lr_teacher 0.01; nn.CrossEntropyLoss; DataLoader(batch_train=256,
   # shuffle=True); DiffAugment(dsa_strategy='color_crop_cutout_flip_scale_rotate',
   # ParamDiffAug aug_mode 'S') on every training batch; epoch_eval_train=1000; lr *= 0.1 at
   # Epoch // 2 + 1. Deviations: the original loops `range(Epoch + 1)` (1001 passes), decays
@@ -222,6 +91,32 @@ def _mtt() -> Protocol:
       aug_mode="single",
       test_batch_size=500,
       source="Cazenavette et al. 2022 (MTT), mtt-distillation utils.py evaluate_synset",
+  )
+
+
+@PROTOCOLS.register("dsa")
+def _dsa() -> Protocol:
+  # DSA and DM, VICO-UoE/DatasetCondensation utils.py `evaluate_synset` with args.dsa (main.py
+  # --method DSA sets epoch_eval_train = 1000; main_DM.py's default is 1000): the same function
+  # MTT copied, so the `mtt` recipe (ConvNet-128 instance norm, SGD 0.01/0.9, wd 5e-4, batch 256,
+  # DSA 'color_crop_cutout_flip_scale_rotate' mode 'S', x0.1 at E/2, 1000 epochs, the same
+  # deviations), but the lr is always lr_net = 0.01: DSA/DM sets carry no learned lr.
+  return dataclasses.replace(
+      _mtt(), name="dsa", use_learned_lr=False,
+      source="Zhao & Bilen (DSA, DM), DatasetCondensation utils.py evaluate_synset",
+  )
+
+
+@PROTOCOLS.register("dc")
+def _dc() -> Protocol:
+  # DC, VICO-UoE/DatasetCondensation main.py (--method DC) + utils.py `evaluate_synset`: the
+  # `dsa` recipe without augmentation and 300 epochs: get_daparam gives strategy 'none' for
+  # every dataset but MNIST, and then main.py sets epoch_eval_train = 300. Deviation: DC's MNIST
+  # setting (crop_scale_rotate augmentation for 1000 epochs) is not reproduced; MNIST is
+  # evaluated like the others.
+  return dataclasses.replace(
+      _dsa(), name="dc", augmentation="none", epochs=300,
+      source="Zhao et al. (DC), DatasetCondensation main.py + utils.py evaluate_synset",
   )
 
 

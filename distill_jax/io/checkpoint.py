@@ -1,8 +1,11 @@
 """Resumable Orbax checkpoints of arbitrary training-state pytrees, typed PRNG keys included.
 
 Each step is an Orbax composite checkpoint `<directory>/<step>/` with two items: `state` (the
-arrays, `StandardSave`) and `keys` (JSON: which leaves were typed PRNG keys and their
-implementation). Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when
+arrays, Orbax's PyTree handler) and `keys` (JSON: which leaves were typed PRNG keys and their
+implementation). `save` copies the arrays to host memory before it returns and writes them in a
+background thread, so the caller may donate or overwrite the saved device buffers right away
+(one rule for every loop: no wait before the next donating step). `restore(..., partial=True)`
+reads only the subtree a template names (one expert of a trajectory shard). Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when
 complete, so a process killed mid-save leaves the previous step as the latest restorable one;
 the leftover temporary folder is ignored and deleted by the next `Checkpointer` on the folder.
 """
@@ -55,8 +58,9 @@ def _default_sharding() -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _abstract(template: Any) -> tuple[Any, dict[str, str]]:
-  """The restore target of `template`: shapes, dtypes and shardings, with keys as key data."""
+def _abstract(template: Any) -> tuple[Any, Any, dict[str, str]]:
+  """The restore target of `template` (shapes, dtypes and shardings, keys as key data), its
+  Orbax restore arguments, and the PRNG implementation of every key leaf."""
   impls = {}
 
   def convert(path, leaf):
@@ -79,7 +83,26 @@ def _abstract(template: Any) -> tuple[Any, dict[str, str]]:
         "use jax/numpy arrays, jax.ShapeDtypeStruct or Python scalars"
     )
 
-  return jax.tree_util.tree_map_with_path(convert, template), impls
+  abstract = jax.tree_util.tree_map_with_path(convert, template)
+
+  def restore_args(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                  dtype=leaf.dtype)
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+
+  return abstract, jax.tree.map(restore_args, abstract), impls
+
+
+def _to_host(tree: Any) -> Any:
+  """Fully addressable jax arrays copied to numpy (what makes `save` safe against donation)."""
+
+  def copy(leaf):
+    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      return np.asarray(jax.device_get(leaf))
+    return leaf
+
+  return jax.tree.map(copy, tree)
 
 
 def _path_name(path: tuple) -> str:
@@ -136,15 +159,16 @@ class Checkpointer:
 
   Args:
     directory: folder of the checkpoints, e.g. `workdir.checkpoint_dir`; created if missing.
-    max_to_keep: number of most recent steps kept; older ones are deleted after each save.
+    max_to_keep: number of most recent steps kept (older ones are deleted after each save), or
+      None to keep every step (a trajectory store).
     async_save: save in a background thread (Orbax async checkpointing).
   """
 
   def __init__(
-      self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True
+      self, directory: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True
   ):
-    if max_to_keep < 1:
-      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -157,7 +181,7 @@ class Checkpointer:
         self.directory,
         options=options,
         item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
+            "state": ocp.PyTreeCheckpointHandler(),
             "keys": ocp.JsonCheckpointHandler(),
         },
     )
@@ -183,6 +207,9 @@ class Checkpointer:
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` as `step` (returns before it is on disk; see `wait`).
 
+    The arrays are copied to host memory before this returns, so the caller may donate them to
+    the next step at once.
+
     Args:
       step: a step number larger than every saved step.
       state: a pytree of jax/numpy arrays, Python scalars and typed PRNG keys
@@ -199,12 +226,12 @@ class Checkpointer:
     self._manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays),
+            state=ocp.args.PyTreeSave(_to_host(arrays)),
             keys=ocp.args.JsonSave({"version": FORMAT_VERSION, "prng_keys": impls}),
         ),
     )
 
-  def restore(self, step: int, template: Any) -> Any:
+  def restore(self, step: int, template: Any, *, partial: bool = False) -> Any:
     """Restores `step` into the structure, dtypes and shardings of `template`.
 
     Args:
@@ -212,6 +239,8 @@ class Checkpointer:
       template: a pytree like the saved state (concrete arrays or `jax.ShapeDtypeStruct`); jax
         leaves come back as jax arrays with the template's sharding, numpy leaves as numpy,
         Python scalars as Python scalars, typed PRNG keys as typed keys of the saved impl.
+      partial: `template` names a subtree of the saved state (nested dicts); only its arrays
+        are read.
 
     Raises:
       CheckpointError: no complete checkpoint for `step`, or it is corrupt or does not match
@@ -225,7 +254,7 @@ class Checkpointer:
           f"no checkpoint for step {step} in {self.directory} (saved steps: {steps or 'none'}); "
           "restore one of the saved steps, or use a new workdir to start afresh"
       )
-    abstract, template_impls = _abstract(template)
+    abstract, restore_args, template_impls = _abstract(template)
     fix = (
         f"delete {self.directory / str(step)} to resume from an earlier step, or use a new workdir"
     )
@@ -242,6 +271,8 @@ class Checkpointer:
       )
     saved_specs = _leaf_specs(saved_tree)
     mismatches = _mismatches(saved_specs, _leaf_specs(abstract))
+    if partial:
+      mismatches = [m for m in mismatches if not m.endswith("not in the template")]
     if mismatches:
       shown = "; ".join(mismatches[:3]) + (
           f"; ... ({len(mismatches)} in all)" if len(mismatches) > 3 else ""
@@ -254,7 +285,9 @@ class Checkpointer:
       restored = self._manager.restore(
           step,
           args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract), keys=ocp.args.JsonRestore()
+              state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args,
+                                           partial_restore=partial),
+              keys=ocp.args.JsonRestore(),
           ),
       )
     except Exception as e:  # Orbax/tensorstore raise assorted types; all mean "not restorable".
@@ -262,6 +295,8 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} is corrupt ({_first_line(e)}); {fix}"
       ) from e
     saved_impls = restored["keys"]["prng_keys"]
+    if partial:
+      saved_impls = {k: v for k, v in saved_impls.items() if k in template_impls}
     if saved_impls != template_impls:
       raise CheckpointError(
           f"checkpoint step {step} in {self.directory} holds PRNG keys {saved_impls} but the "

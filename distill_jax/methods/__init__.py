@@ -1,20 +1,17 @@
-"""Stateful distillation loops, looked up by name in `METHODS`.
+"""Distillation methods, one module each, found by name: `get_method("frepo")` imports
+`distill_jax.methods.frepo`. `base.py` holds the interface, `loop.py` the one run loop."""
 
-Each method module registers a `Method` on import; `get_method(name)` imports them all first.
-"""
+from distill_jax.methods.base import (
+    METHODS, DistillMethod, DivergenceError, get_method, method_names, register_method,
+)
+from distill_jax.methods.loop import run
 
-import importlib
-
-from distill_jax.methods.base import METHODS, Method, RealData
-
-_MODULES = ("frepo", "mtt")
-
-
-def get_method(name: str) -> Method:
-  """Returns the registered method `name`; an unknown name lists the valid ones."""
-  for module in _MODULES:
-    importlib.import_module(f"distill_jax.methods.{module}")
-  return METHODS.get(name)
-
-
-__all__ = ["METHODS", "Method", "RealData", "get_method"]
+__all__ = [
+    "METHODS",
+    "DistillMethod",
+    "DivergenceError",
+    "get_method",
+    "method_names",
+    "register_method",
+    "run",
+]

@@ -1,100 +1,134 @@
-"""What every distillation method receives and registers."""
+"""The method interface: what every distillation method provides to the one run loop.
 
-import dataclasses
-from collections.abc import Callable
-from typing import Any
+A method is a `DistillMethod` subclass in its own module `distill_jax.methods.<name>`,
+registered with `@register_method("<name>")`; `get_method(name)` imports that module, so no list
+of methods is kept anywhere. `distill_jax.methods.loop.run` drives every method the same way
+(restore, prefetch, donation, divergence stop, progress, checkpoints); a method only says what a
+step is:
 
-import jax
+  prepare()            host work before the first step (train an expert buffer, a teacher pool)
+  init(key)            the state at step 0: a pytree (what the checkpoints hold)
+  inputs(step)         host-side inputs of step `step` (1-based), read one step ahead in a
+                       thread (MTT's expert checkpoints); derived from the seed and the step, so
+                       a resumed run reads what an uninterrupted run would
+  step(state, inputs)  one pure, jitted update -> (state, scalar metrics); the loop donates
+                       `state`
+  result(state)        the distilled set (a `distill_jax.distilled.DistilledSet`)
+  watched              metric names that must stay finite; `divergence_hint()` names the fix
+  report_extras(...)   optional additions to report.json (FRePo's KRR accuracy)
+  baselines()          optional further baselines beside the random subset (soft-label sets)
+
+docs/adding_a_method.md walks through DM as the example.
+"""
+
+import abc
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
 import ml_collections
-import numpy as np
 
-from distill_jax.registry import Registry
+from distill_jax.registry import Registry, UnknownNameError
 
-
-@dataclasses.dataclass(frozen=True)
-class RealData:
-  """The real dataset a method distils, already preprocessed.
-
-  Attributes:
-    name: dataset name in `distill_jax.data.DATASETS`.
-    num_classes: number of classes C.
-    image_shape: `(H, W, channels)`.
-    class_names: one name per class.
-    x_train: `(N, H, W, channels)` float32, preprocessed (standardised or whitened).
-    y_train: `(N,)` int32 class ids.
-    x_test: `(M, H, W, channels)` float32, preprocessed the same way.
-    y_test: `(M,)` int32.
-    preprocessor: the fitted `distill_jax.data.Preprocessor` (its `invert` turns sets back into images).
-    source_fingerprint: a digest of the raw (unpreprocessed) training arrays, or None. Caches keyed
-      on the data (the expert buffers) use it with the preprocessing name instead of hashing
-      `x_train`, whose last bits depend on the XLA thread count that fitted e.g. a ZCA matrix.
-      Code that swaps in other training arrays (a subset, latent codes) must reset it to None.
-  """
-
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  class_names: tuple[str, ...]
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-  preprocessor: Any
-  source_fingerprint: str | None = None
-
-  def set_meta(self, method: str, ipc: int):
-    """The `distilled.SetMeta` of a set made from this data by `method` at `ipc` images per class."""
-    from distill_jax import distilled  # Imported here: distilled sets depend on nothing in methods.
-
-    return distilled.SetMeta(
-        method=method,
-        dataset=self.name,
-        ipc=ipc,
-        num_classes=self.num_classes,
-        image_shape=self.image_shape,
-        preprocessing=self.preprocessor.to_arrays(),
-    )
-
-
-# distill(config, data, workdir) -> distilled set. The method checkpoints into
-# `workdir.checkpoint_dir` and resumes from it when the same command is run again.
-DistillFn = Callable[[ml_collections.ConfigDict, RealData, Any], Any]
-# report_extras(config, data, distilled_set, workdir) -> dict merged into report.json
-# (e.g. FRePo's KRR accuracy), and free to write extra images into workdir.images_dir.
-ExtrasFn = Callable[[ml_collections.ConfigDict, RealData, Any, Any], dict]
+PyTree = Any
 
 
 class DivergenceError(ValueError):
-  """A distillation loss became NaN or infinite; the message names the likely fix."""
+  """A watched metric became NaN or infinite; the message names the likely fix."""
 
 
-def finite_host_metrics(
-    metrics: dict[str, Any], watched: tuple[str, ...], message: Callable[[dict[str, float]], str]
-) -> dict[str, float]:
-  """Fetches a step's metrics to the host as floats and stops a diverged run.
+class DistillMethod(abc.ABC):
+  """Base class of the distillation methods (see the module docstring for the contract).
 
   Args:
-    metrics: scalar metrics of one step (device arrays).
-    watched: names whose value must be finite.
-    message: builds the error text from the host metrics (it should name the fix).
+    config: the method's config (`configs/<name>.py`), already validated by its presets.
+    data: the `distill_jax.data.RealData` to distil.
 
-  Returns:
-    The metrics as Python floats.
+  Construction must be cheap and must validate the config: the pipeline builds the method
+  before it writes anything, so a bad value fails in a second, not after hours.
+  """
+
+  name: ClassVar[str]
+  watched: ClassVar[tuple[str, ...]] = ("loss",)
+
+  def __init__(self, config: ml_collections.ConfigDict, data):
+    self.config = config
+    self.data = data
+
+  @property
+  def num_steps(self) -> int:
+    """Steps of a whole run (default `config.num_steps`; DC counts matching updates)."""
+    return int(self.config.num_steps)
+
+  def prepare(self) -> None:
+    """Long host-side work needed before the first step (default: none)."""
+
+  @abc.abstractmethod
+  def init(self, key) -> PyTree:
+    """The state at step 0 from the run's key (`jax.random.key(config.seed)`)."""
+
+  def inputs(self, step: int) -> PyTree:
+    """Host-side inputs of step `step` (1-based); default: none."""
+    del step
+    return None
+
+  @abc.abstractmethod
+  def step(self, state: PyTree, inputs: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """One pure update: `(state, inputs) -> (state, {name: scalar})` (jitted, state donated)."""
+
+  @abc.abstractmethod
+  def result(self, state: PyTree):
+    """The distilled set of a state."""
+
+  def divergence_hint(self) -> str:
+    """What to change when a watched metric diverges (one clause, naming config keys)."""
+    return "lower the outer learning rate"
+
+  def report_extras(self, distilled_set, workdir) -> dict[str, Any]:
+    """Additions to report.json, free to write images into `workdir.images_dir` (default: none)."""
+    del distilled_set, workdir
+    return {}
+
+  def baselines(self) -> dict[str, Any]:
+    """Further baselines evaluated beside the random subset: `{report key: DistilledSet}`
+    (e.g. a random subset with the method's kind of labels); default: none."""
+    return {}
+
+
+METHODS: Registry[type[DistillMethod]] = Registry("method")
+
+
+def register_method(name: str):
+  """Class decorator: registers a `DistillMethod` subclass under `name` (its module's name)."""
+
+  def decorate(cls: type[DistillMethod]) -> type[DistillMethod]:
+    cls.name = name
+    METHODS.register(name, cls)
+    return cls
+
+  return decorate
+
+
+# Modules of this package that hold the machinery rather than a method.
+_NOT_METHODS = ("base", "loop")
+
+
+def method_names() -> list[str]:
+  """The names of the method modules in `distill_jax.methods`."""
+  from distill_jax import methods
+
+  return sorted(m.name for m in pkgutil.iter_modules(methods.__path__)
+                if m.name not in _NOT_METHODS and not m.name.startswith("_"))
+
+
+def get_method(name: str) -> type[DistillMethod]:
+  """The method class `name`, imported from `distill_jax.methods.<name>`.
 
   Raises:
-    DivergenceError: when a watched metric is NaN or infinite.
+    UnknownNameError: no such method module (the message lists the valid names).
   """
-  host = {name: float(value) for name, value in jax.device_get(metrics).items()}
-  if not all(np.isfinite(host[name]) for name in watched):
-    raise DivergenceError(message(host))
-  return host
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  name: str
-  distill: DistillFn
-  report_extras: ExtrasFn | None = None
-
-
-METHODS: Registry[Method] = Registry("method")
+  if name not in METHODS:
+    if name not in method_names():
+      raise UnknownNameError(f"unknown method {name!r}; valid names: {', '.join(method_names())}")
+    importlib.import_module(f"distill_jax.methods.{name}")
+  return METHODS.get(name)

@@ -13,14 +13,11 @@ Zhou, Nezhadarya and Ba, "Dataset Distillation using Neural Feature Regression",
      updates.
 
 Version "v2" (the paper's default and the released code) does 3-4 before 5; "v1" does 5 first
-(Algorithm 2). One jitted `FRePo.step` does all of this from an explicit PRNG key; the whole
-state (set, optimiser state, pool, step, key) is one pytree that `distill` checkpoints with
-Orbax, so a killed run resumes to exactly the result of an uninterrupted one.
+(Algorithm 2). `FRePo.step` does all of this in one jitted program from an explicit PRNG key; the
+state (set, optimiser state, pool, step, key) is one pytree that the run loop checkpoints, so a
+killed run resumes to exactly the result of an uninterrupted one.
 """
 
-import collections
-import dataclasses
-import functools
 import math
 import os
 from typing import Any
@@ -35,19 +32,18 @@ from absl import logging
 
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
+from distill_jax import evaluation
 from distill_jax import io as io_lib
-from distill_jax.methods.base import (  # DivergenceError: re-exported for callers.
-    METHODS, DivergenceError, Method, RealData, finite_host_metrics,
-)
+from distill_jax.methods.base import DistillMethod, register_method
 from distill_jax.models import get_model
 from distill_jax.objectives import krr_predict, label_margin_loss, mse_loss
+from distill_jax.training import Recipe
 from distill_jax.training.model_pool import MemberState, ModelPool
 
 Array = jax.Array
 
 INITS = ("real", "noise", "real_noise")
 ORDERS = ("v1", "v2")
-OUTER_OPTIMIZERS = ("lamb", "adam")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +122,7 @@ def frepo_loss(
     feature_fn,
     *,
     kernel_reg: float,
+    kernel_reg_floor: float = 1.0,
     use_flip: bool,
     learn_label: bool = True,
     label_margin_weight: float = 1.0,
@@ -145,6 +142,7 @@ def frepo_loss(
     y_real: (B, C) real targets, `centered_one_hot`.
     feature_fn: `(M, H, W, C) -> (M, D)`, the pool member's feature map.
     kernel_reg: relative ridge lambda_0.
+    kernel_reg_floor: `krr_predict`'s `reg_floor` (the ridge floor in units of `n_s * eps`).
     use_flip: add the mirrored images to the support set.
     learn_label: when False the labels get no gradient (paper A.1 "Label Learning").
     label_margin_weight: weight w of the margin term (1 in the released code).
@@ -160,7 +158,8 @@ def frepo_loss(
   if use_flip:
     x_support = jnp.concatenate([x_syn, jnp.flip(x_syn, axis=2)], axis=0)
     y_support = jnp.concatenate([y_syn, y_syn], axis=0)
-  pred = krr_predict(feat_real, feature_fn(x_support), y_support, reg=kernel_reg)
+  pred = krr_predict(feat_real, feature_fn(x_support), y_support, reg=kernel_reg,
+                     reg_floor=kernel_reg_floor)
   kernel_loss = mse_loss(pred, y_real)
   accuracy = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(y_real, -1))
   loss = kernel_loss + label_margin_weight * label_loss
@@ -168,7 +167,7 @@ def frepo_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# The state and the jitted step.
+# The method.
 
 
 @flax.struct.dataclass
@@ -179,7 +178,7 @@ class FRePoState:
     x_syn: (N, H, W, C) distilled images, preprocessed space.
     y_syn: (N, C) distilled (learned) labels.
     outer_opt_state: optimiser state of `{"x": x_syn, "y": y_syn}`.
-    pool: the model pool, a `MemberState` with a leading `(pool_size,)` axis.
+    pool: the model pool, a `MemberState` with a leading `(pool.size,)` axis.
     step: int32 scalar, outer steps done.
     key: typed PRNG key of the next step.
   """
@@ -194,210 +193,148 @@ class FRePoState:
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for FRePo config values that cannot work."""
-  if config.order not in ORDERS:
-    raise ValueError(f"unknown order {config.order!r}; use one of {', '.join(ORDERS)}")
-  if config.outer_optimizer not in OUTER_OPTIMIZERS:
-    raise ValueError(
-        f"unknown outer_optimizer {config.outer_optimizer!r}; use one of "
-        f"{', '.join(OUTER_OPTIMIZERS)}"
-    )
-  if config.init not in INITS:
-    raise ValueError(f"unknown init {config.init!r}; use one of {', '.join(INITS)}")
-  for name in ("num_steps", "real_batch_size", "pool_size", "online_batch_size", "log_every",
-               "checkpoint_every"):
-    value = config[name]
+  choices = {"outer.order": (config.outer.order, ORDERS),
+             "outer.optimizer": (config.outer.optimizer, tuple(OUTER_OPTIMIZERS)),
+             "init": (config.init, INITS)}
+  for name, (value, valid) in choices.items():
+    if value not in valid:
+      raise ValueError(f"unknown config.{name} {value!r}; use one of {', '.join(valid)}")
+  for name, value in (("outer.real_batch_size", config.outer.real_batch_size),
+                      ("pool.size", config.pool.size),
+                      ("eval.krr.train_steps", config.eval.krr.train_steps),
+                      ("pool.online_batch_size", config.pool.online_batch_size)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{name} must be a positive int, got {value!r}")
-  for name in ("outer_lr", "online_lr"):
-    if not config[name] > 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]!r}")
-  if not 0 <= config.outer_final_lr_fraction <= 1:
-    raise ValueError(
-        f"config.outer_final_lr_fraction must be in [0, 1], got {config.outer_final_lr_fraction!r}"
-    )
-  if config.kernel_reg < 0:
-    raise ValueError(f"config.kernel_reg must be >= 0, got {config.kernel_reg!r}")
+  for name, value in (("outer.lr", config.outer.lr), ("pool.online_lr", config.pool.online_lr)):
+    if not value > 0:
+      raise ValueError(f"config.{name} must be positive, got {value!r}")
+  if not 0 <= config.outer.final_lr_fraction <= 1:
+    raise ValueError(f"config.outer.final_lr_fraction must be in [0, 1], got "
+                     f"{config.outer.final_lr_fraction!r}")
+  for name in ("kernel_reg", "kernel_reg_floor"):
+    if config.outer[name] < 0:
+      raise ValueError(f"config.outer.{name} must be >= 0, got {config.outer[name]!r}")
 
 
-def pool_model(config: ml_collections.ConfigDict, num_classes: int, *, norm: str | None = None):
-  """The pool's network: FRePo's ConvNet (widths doubling per block, Flax default init).
-
-  Args:
-    config: a FRePo config (model, width, depth, norm, bn_momentum).
-    num_classes: C.
-    norm: overrides `config.norm` (the KRR evaluation uses the evaluation norm).
-
-  Returns:
-    a Flax module.
-  """
-  return get_model(
-      config.model,
-      num_classes=num_classes,
-      width=config.width,
-      depth=config.depth,
-      norm=config.norm if norm is None else norm,
-      width_doubling=True,
-      norm_position="before_conv",  # released lib/models/networks.py `Conv`.
-      init_scheme="flax",  # paper A.1 "Models": Lecun initialisation, Flax's default.
-      bn_momentum=config.bn_momentum,
-  )
+def pool_model_kwargs(pool: ml_collections.ConfigDict, *, norm: str | None = None
+                      ) -> dict[str, Any]:
+  """`get_model` arguments of the pool's network: FRePo's ConvNet (widths doubling per block,
+  Flax default init) from a config's `pool` block; `norm` overrides `pool.norm` (the KRR
+  evaluation uses the evaluation norm)."""
+  return {
+      "width": pool.width,
+      "depth": pool.depth,
+      "norm": pool.norm if norm is None else norm,
+      "width_doubling": True,
+      "norm_position": "before_conv",  # released lib/models/networks.py `Conv`.
+      "init_scheme": "flax",  # paper A.1 "Models": Lecun initialisation, Flax's default.
+      "bn_momentum": pool.bn_momentum,
+  }
 
 
-class FRePo:
-  """FRePo's pure pieces for one config and dataset shape: state initialisation and the step.
+OUTER_OPTIMIZERS = {"lamb": optax.lamb, "adam": optax.adam}
 
-  `step` and `init` are `jax.jit`-compiled with the instance as a static argument; instances
-  with equal configs and shapes are equal, so they share compiled programs. `step` donates the
-  state it is given. `num_traces` counts how often the step's Python body ran for this config
-  and shape in this process (1 after any number of steps means no retracing).
+
+@register_method("frepo")
+class FRePo(DistillMethod):
+  """FRePo on the shared run loop: state, step, result and the KRR report extra.
 
   Args:
     config: a FRePo config (`configs/frepo.py`).
-    num_classes: C.
-    image_shape: (H, W, channels).
+    data: the `RealData` to distil.
   """
 
-  def __init__(
-      self, config: ml_collections.ConfigDict, *, num_classes: int, image_shape: tuple[int, ...]
-  ):
+  watched = ("loss", "kernel_loss", "label_loss")
+
+  def __init__(self, config: ml_collections.ConfigDict, data):
+    super().__init__(config, data)
     _check_config(config)
-    self.config = config
-    self.num_classes = int(num_classes)
-    self.image_shape = tuple(int(d) for d in image_shape)
+    self.num_classes = data.num_classes
+    pool = config.pool
     self.pool = ModelPool(
-        pool_model(config, self.num_classes),
-        input_shape=self.image_shape,
-        num_models=config.pool_size,
-        max_online_updates=config.max_online_updates,
-        optimizer=optax.adam(config.online_lr),
-        loss_fn=mse_loss,
+        get_model(pool.model, num_classes=self.num_classes, **pool_model_kwargs(pool)),
+        input_shape=data.image_shape,
+        num_models=pool.size,
+        max_online_updates=pool.max_online_updates,
+        optimizer=optax.adam(pool.online_lr),
     )
     self.learning_rate = optax.cosine_decay_schedule(
-        config.outer_lr, decay_steps=config.num_steps, alpha=config.outer_final_lr_fraction
+        config.outer.lr, decay_steps=config.num_steps, alpha=config.outer.final_lr_fraction
     )
-    make_tx = {"lamb": optax.lamb, "adam": optax.adam}[config.outer_optimizer]
-    self.outer_tx = make_tx(learning_rate=self.learning_rate)
-    # Everything the traced programs depend on: equal signatures share compiled programs.
-    self._signature = (config.to_json(sort_keys=True), self.num_classes, self.image_shape)
-    # The initial state depends on fewer fields, so e.g. `order` or `learn_label` changes
-    # reuse the compiled initialisation.
-    self._initializer = _Initializer(
-        signature=(
-            tuple((name, config[name]) for name in _INIT_FIELDS),
-            self.num_classes,
-            self.image_shape,
-        ),
-        pool=self.pool,
-        outer_tx=self.outer_tx,
+    self.outer_tx = OUTER_OPTIMIZERS[config.outer.optimizer](learning_rate=self.learning_rate)
+    self._train = None  # The real training arrays on the device, placed on first use.
+
+  def init(self, key: Array) -> FRePoState:
+    """Step 0 from `ipc` real images per class drawn with `config.seed` (paper A.1
+    "Initialization"): images per `config.init` (noise from the key), labels `initial_labels`."""
+    x_real, y_real = data_lib.random_subset(
+        self.data.x_train, self.data.y_train, ipc=self.config.ipc, num_classes=self.num_classes,
+        seed=self.config.seed,
+    )
+    init_key, run_key = jax.random.split(key)
+    x_syn = initial_images(init_key, x_real, init=self.config.init,
+                           noise_std=self.config.init_noise_std)
+    y_syn = initial_labels(jnp.asarray(y_real), self.num_classes)
+    pool_key, step_key = jax.random.split(run_key)
+    return FRePoState(
+        x_syn=x_syn,
+        y_syn=y_syn,
+        outer_opt_state=self.outer_tx.init({"x": x_syn, "y": y_syn}),
+        pool=self.pool.init(pool_key),
+        step=jnp.zeros((), jnp.int32),
+        key=step_key,
     )
 
-  def __hash__(self) -> int:
-    return hash(self._signature)
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, FRePo) and self._signature == other._signature
-
-  @property
-  def num_traces(self) -> int:
-    """How often the step was traced for this config and shape in this process."""
-    return _STEP_TRACES[self._signature]
-
-  def step(
-      self, state: FRePoState, x_train: Array, y_train: Array
-  ) -> tuple[FRePoState, dict[str, Array]]:
-    """One jitted outer step (donates `state`); see `_step`."""
-    return _jitted_step(self, state, x_train, y_train)
-
-  def init(self, key: Array, x_syn: Array, y_syn: Array) -> FRePoState:
-    """The state before the first step (jit-compiled).
-
-    Args:
-      key: the run's PRNG key (the pool and every later step derive from it).
-      x_syn: (N, H, W, C) initial images (`initial_images`).
-      y_syn: (N, C) initial labels (`initial_labels`).
-
-    Returns:
-      a `FRePoState` at step 0.
-    """
-    x_syn = jnp.asarray(x_syn, jnp.float32)
-    y_syn = jnp.asarray(y_syn, jnp.float32)
-    if x_syn.shape[1:] != self.image_shape or y_syn.shape != (x_syn.shape[0], self.num_classes):
-      raise ValueError(
-          f"initial set shapes x {x_syn.shape}, y {y_syn.shape} do not match images "
-          f"{self.image_shape} and {self.num_classes} classes; build them from the same dataset"
-      )
-    return _jitted_init(self._initializer, key, x_syn, y_syn)
-
-  def initial_state(self, key: Array, x_real: Array, y_real: Array) -> FRePoState:
-    """The step-0 state from `ipc` real images per class (paper A.1 "Initialization").
-
-    Images follow `config.init` (noise from `key`), labels are `initial_labels`.
-
-    Args:
-      key: the run's PRNG key.
-      x_real: (N, H, W, C) preprocessed real images, e.g. `ipc` per class.
-      y_real: (N,) their int class ids.
-
-    Returns:
-      a `FRePoState` at step 0.
-    """
-    x_real = jnp.asarray(x_real, jnp.float32)
-    y_real = jnp.asarray(y_real)
-    if x_real.shape[1:] != self.image_shape or y_real.shape != x_real.shape[:1]:
-      raise ValueError(
-          f"real images {x_real.shape} and labels {y_real.shape} do not match images "
-          f"{self.image_shape}; pass (N, H, W, C) images and (N,) labels of the same dataset"
-      )
-    return _jitted_initial_state(self._initializer, key, x_real, y_real)
+  def inputs(self, step: int) -> tuple[Array, Array]:
+    """The real training set on the device (the step samples its batch from it)."""
+    del step
+    if self._train is None:
+      self._train = (jnp.asarray(self.data.x_train, jnp.float32),
+                     jnp.asarray(self.data.y_train, jnp.int32))
+    return self._train
 
   def _online_update(self, member, x_syn, y_syn, batch_key, reset_key):
     """Algorithm 1 lines 6-7 on (a subsample of) the current distilled set."""
     n_syn = x_syn.shape[0]
-    if n_syn > self.config.online_batch_size:
-      index = jax.random.choice(batch_key, n_syn, (self.config.online_batch_size,), replace=False)
+    if n_syn > self.config.pool.online_batch_size:
+      index = jax.random.choice(batch_key, n_syn, (self.config.pool.online_batch_size,),
+                                replace=False)
       x_syn, y_syn = x_syn[index], y_syn[index]
     return self.pool.online_update(member, x_syn, y_syn, reset_key)
 
-  def _step(
-      self, state: FRePoState, x_train: Array, y_train: Array
-  ) -> tuple[FRePoState, dict[str, Array]]:
+  def step(self, state: FRePoState, inputs: tuple[Array, Array]
+           ) -> tuple[FRePoState, dict[str, Array]]:
     """One outer step of FRePo (Algorithm 1 / 2); see the module docstring.
 
     Args:
-      state: the current state (donated).
-      x_train: (N_train, H, W, C) preprocessed real images.
-      y_train: (N_train,) int class ids.
+      state: the current state.
+      inputs: `(x_train (N_train, H, W, C), y_train (N_train,))`, the preprocessed real set.
 
     Returns:
       the next state and a dict of scalar metrics.
     """
-    _STEP_TRACES[self._signature] += 1
-    config = self.config
+    x_train, y_train = inputs
+    outer = self.config.outer
     key, member_key, real_key, online_key, reset_key = jax.random.split(state.key, 5)
-    index = jax.random.randint(member_key, (), 0, config.pool_size)
+    index = jax.random.randint(member_key, (), 0, self.config.pool.size)
     member = self.pool.member(state.pool, index)
     online_loss = was_reset = None
-    if config.order == "v1":
+    if outer.order == "v1":
       member, online_loss, was_reset = self._online_update(
           member, state.x_syn, state.y_syn, online_key, reset_key
       )
 
     # Real batch drawn uniformly (with replacement) inside the program: no host-side sampling.
-    real_index = jax.random.randint(real_key, (config.real_batch_size,), 0, x_train.shape[0])
+    real_index = jax.random.randint(real_key, (outer.real_batch_size,), 0, x_train.shape[0])
     y_real = centered_one_hot(y_train[real_index], self.num_classes)
     feat_real = jax.lax.stop_gradient(self.pool.features(member, x_train[real_index]))
 
     def loss_of(syn):
       return frepo_loss(
-          syn["x"],
-          syn["y"],
-          feat_real,
-          y_real,
-          lambda x: self.pool.features(member, x),
-          kernel_reg=config.kernel_reg,
-          use_flip=config.use_flip,
-          learn_label=config.learn_label,
-          label_margin_weight=config.label_margin_weight,
+          syn["x"], syn["y"], feat_real, y_real, lambda x: self.pool.features(member, x),
+          kernel_reg=outer.kernel_reg, kernel_reg_floor=outer.kernel_reg_floor,
+          use_flip=outer.use_flip, learn_label=outer.learn_label,
+          label_margin_weight=outer.label_margin_weight,
       )
 
     syn = {"x": state.x_syn, "y": state.y_syn}
@@ -405,7 +342,7 @@ class FRePo:
     updates, outer_opt_state = self.outer_tx.update(grads, state.outer_opt_state, syn)
     syn = optax.apply_updates(syn, updates)
 
-    if config.order == "v2":
+    if outer.order == "v2":
       member, online_loss, was_reset = self._online_update(
           member, syn["x"], syn["y"], online_key, reset_key
       )
@@ -433,367 +370,46 @@ class FRePo:
     }
     return new_state, metrics
 
-
-# The config fields the initial state depends on (see `FRePo._initializer`).
-_INIT_FIELDS = (
-    "model", "width", "depth", "norm", "bn_momentum", "pool_size", "max_online_updates",
-    "online_lr", "outer_optimizer", "init", "init_noise_std",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Initializer:
-  """What FRePo's initial state depends on; equal signatures share the compiled program."""
-
-  signature: tuple
-  pool: ModelPool = dataclasses.field(compare=False)
-  outer_tx: optax.GradientTransformation = dataclasses.field(compare=False)
-
-  @property
-  def num_classes(self) -> int:
-    return self.signature[1]
-
-  def config_value(self, name: str) -> Any:
-    return dict(self.signature[0])[name]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_init(initializer: _Initializer, key: Array, x_syn: Array, y_syn: Array) -> FRePoState:
-  pool_key, step_key = jax.random.split(key)
-  return FRePoState(
-      x_syn=x_syn,
-      y_syn=y_syn,
-      outer_opt_state=initializer.outer_tx.init({"x": x_syn, "y": y_syn}),
-      pool=initializer.pool.init(pool_key),
-      step=jnp.zeros((), jnp.int32),
-      key=step_key,
-  )
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_initial_state(
-    initializer: _Initializer, key: Array, x_real: Array, y_real: Array
-) -> FRePoState:
-  init_key, run_key = jax.random.split(key)
-  x_syn = initial_images(
-      init_key,
-      x_real,
-      init=initializer.config_value("init"),
-      noise_std=initializer.config_value("init_noise_std"),
-  )
-  y_syn = initial_labels(y_real, initializer.num_classes)
-  return _jitted_init(initializer, run_key, x_syn, y_syn)
-
-
-_STEP_TRACES: collections.Counter = collections.Counter()
-_jitted_step = jax.jit(FRePo._step, static_argnums=0, donate_argnums=1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The distillation loop.
-
-
-def _start_state(frepo: FRePo, config: ml_collections.ConfigDict, data: RealData) -> FRePoState:
-  """The step-0 state of a run: `ipc` real images per class drawn with `config.seed`."""
-  x_real, y_real = data_lib.random_subset(
-      data.x_train, data.y_train, ipc=config.ipc, num_classes=data.num_classes, seed=config.seed
-  )
-  return frepo.initial_state(jax.random.key(config.seed), x_real, y_real)
-
-
-def _divergence_message(step: int, metrics: dict[str, float], config) -> str:
-  return (
-      f"FRePo's loss became non-finite at step {step} (loss={metrics['loss']}, "
-      f"kernel_loss={metrics['kernel_loss']}, label_loss={metrics['label_loss']}); lower "
-      f"outer_lr (now {config.outer_lr}) or online_lr (now {config.online_lr}), or raise "
-      f"kernel_reg (now {config.kernel_reg}); the last checkpoint holds the last finite state"
-  )
-
-
-def distill(
-    config: ml_collections.ConfigDict, data: RealData, workdir: io_lib.Workdir
-) -> distilled_lib.PixelSet:
-  """Runs FRePo on `data` and returns the distilled set (learned labels, `(N, C)` floats).
-
-  Resumes from the latest checkpoint in `workdir.checkpoint_dir` when there is one; checkpoints
-  every `config.checkpoint_every` steps and at the end; logs metrics every `config.log_every`
-  steps to `workdir`'s metric files and the progress to the log.
-
-  Raises:
-    DivergenceError: when the loss becomes NaN or infinite (the message names the fix).
-  """
-  frepo = FRePo(config, num_classes=data.num_classes, image_shape=data.image_shape)
-  x_train = jnp.asarray(data.x_train, jnp.float32)
-  y_train = jnp.asarray(data.y_train, jnp.int32)
-  state = _start_state(frepo, config, data)
-  checkpointer = io_lib.Checkpointer(workdir.checkpoint_dir)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    if latest > config.num_steps:
-      raise ValueError(
-          f"{workdir.checkpoint_dir} holds step {latest}, beyond num_steps={config.num_steps}; "
-          "use a fresh workdir or the num_steps of that run"
-      )
-    state = checkpointer.restore(latest, state)
-    logging.info("FRePo: resumed from the checkpoint at step %d.", latest)
-  start = int(state.step)
-
-  writer = io_lib.MetricWriter(workdir)
-  writer.truncate(start)  # Drop what a killed run logged after its last checkpoint.
-  progress = io_lib.ProgressLogger(config.num_steps, every=config.log_every, start_step=start)
-  try:
-    state = _run_steps(frepo, state, x_train, y_train, config, writer, progress, checkpointer)
-  finally:
-    writer.close()
-    checkpointer.close()
-  logging.info("FRePo: the step was traced %d time(s).", frepo.num_traces)
-  return distilled_lib.PixelSet(
-      x=np.asarray(state.x_syn),
-      y=np.asarray(state.y_syn),
-      meta=data.set_meta("frepo", config.ipc),
-  )
-
-
-def _run_steps(frepo, state, x_train, y_train, config, writer, progress, checkpointer):
-  """Steps from `state.step` to `config.num_steps`: log, check for NaN, checkpoint."""
-  pending = None  # (step, metrics) of the step before the one in flight.
-  for step in range(int(state.step) + 1, config.num_steps + 1):
-    state, metrics = frepo.step(state, x_train, y_train)
-    # Checking the previous step keeps one step in flight while the host waits.
-    if pending is not None:
-      _check_finite(*pending, config)
-    pending = (step, metrics)
-    is_last = step == config.num_steps
-    if step % config.log_every == 0 or is_last:
-      # step_traces stays 1 unless something forces a recompilation (a bug worth seeing).
-      writer.write(step, **_check_finite(step, metrics, config), step_traces=frepo.num_traces)
-    progress.log(step, loss=metrics["loss"], krr_accuracy=metrics["accuracy"])
-    if step % config.checkpoint_every == 0 or is_last:
-      _check_finite(step, metrics, config)  # Never checkpoint a diverged state.
-      checkpointer.save(step, state)
-      # The next step donates (overwrites) these buffers: the save must have read them first.
-      checkpointer.wait()
-  if pending is not None:
-    _check_finite(*pending, config)
-  return state
-
-
-def _check_finite(step: int, metrics: dict[str, Array], config) -> dict[str, float]:
-  return finite_host_metrics(metrics, ("loss", "kernel_loss", "label_loss"),
-                             lambda host: _divergence_message(step, host, config))
-
-
-# ----------------------------------------------------------------------------------------------
-# KRR evaluation and report extras.
-
-
-def krr_accuracy(
-    x_support: Array,
-    y_support: Array,
-    x_test: Array,
-    y_test: Array,
-    model,
-    variables: dict[str, Any],
-    *,
-    kernel_reg: float,
-    use_flip: bool,
-    chunk_size: int = 1000,
-) -> float:
-  """Test accuracy of the KRR predictor with `(x_support, y_support)` as support set.
-
-  Predicts `K_ts (K_ss + lam I)^-1 Y_s` (FRePo Eq. 2) with the features (the input of the final
-  Dense layer, inference mode) of `model` with `variables`; with `use_flip` the support set also
-  holds the mirrored images (released `eval_on_proto_krr`).
-
-  Args:
-    x_support: (N, H, W, C) support images.
-    y_support: (N, C) float support labels, or (N,) int ids (then `centered_one_hot`).
-    x_test: (M, H, W, C) test images.
-    y_test: (M,) int test labels.
-    model: a Flax module of the `distill_jax.models` convention (with `num_classes`).
-    variables: its variables.
-    kernel_reg: relative ridge lambda_0.
-    use_flip: add the mirrored support images.
-    chunk_size: test images per forward pass (does not change the result).
-
-  Returns:
-    accuracy in [0, 1] (fraction of test images whose argmax prediction is their label).
-  """
-  y_support = jnp.asarray(y_support)
-  if y_support.ndim == 1:
-    y_support = centered_one_hot(y_support, model.num_classes)
-  x_test = np.asarray(x_test, np.float32)
-  y_test = np.asarray(y_test, np.int32)
-  chunk_size = min(chunk_size, x_test.shape[0])
-  # Pad the test set to whole chunks; padded rows get label -1, which no prediction matches.
-  pad = -x_test.shape[0] % chunk_size
-  x_test = np.concatenate([x_test, np.zeros((pad, *x_test.shape[1:]), np.float32)])
-  y_test = np.concatenate([y_test, np.full((pad,), -1, np.int32)])
-  correct = _krr_num_correct(
-      model,
-      variables,
-      jnp.asarray(x_support, jnp.float32),
-      y_support.astype(jnp.float32),
-      x_test.reshape(-1, chunk_size, *x_test.shape[1:]),
-      y_test.reshape(-1, chunk_size),
-      kernel_reg=kernel_reg,
-      use_flip=use_flip,
-  )
-  return int(correct) / (x_test.shape[0] - pad)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "use_flip"))
-def _krr_num_correct(model, variables, x_support, y_support, x_chunks, y_chunks, *, kernel_reg,
-                     use_flip):
-  """Number of test images (chunked `(K, chunk, H, W, C)`) the KRR predictor gets right."""
-
-  def features(x):
-    return model.apply(variables, x, train=False, return_features=True)[1]["penultimate"]
-
-  if use_flip:
-    x_support = jnp.concatenate([x_support, jnp.flip(x_support, axis=2)], axis=0)
-    y_support = jnp.concatenate([y_support, y_support], axis=0)
-  feat_support = features(x_support)
-
-  def chunk_correct(chunk):
-    x_chunk, y_chunk = chunk
-    pred = krr_predict(features(x_chunk), feat_support, y_support, reg=kernel_reg)
-    return jnp.sum(jnp.argmax(pred, -1) == y_chunk)
-
-  return jnp.sum(jax.lax.map(chunk_correct, (x_chunks, y_chunks)))
-
-
-def _eval_pool(model, lr: float, image_shape: tuple[int, ...]) -> ModelPool:
-  return ModelPool(
-      model, input_shape=image_shape, num_models=1, optimizer=optax.adam(lr), loss_fn=mse_loss
-  )
-
-
-@functools.partial(jax.jit, static_argnames=("model", "lr", "batch_size", "augment"),
-                   donate_argnums=0)
-def _eval_train_step(member, key, x_syn, y_syn, *, model, lr, batch_size, augment):
-  """One Adam step (MSE) of a KRR-evaluation network on a batch of the distilled set."""
-  pool = _eval_pool(model, lr, tuple(x_syn.shape[1:]))
-  index_key, aug_key = jax.random.split(key)
-  index = jax.random.choice(index_key, x_syn.shape[0], (batch_size,), replace=False)
-  x_batch = x_syn[index]
-  if augment:
-    x_batch = data_lib.frepo_augment(aug_key, x_batch)
-  return pool.train_step(member, x_batch, y_syn[index])[0]
-
-
-@functools.partial(jax.jit, static_argnames=("model", "lr", "image_shape"))
-def _eval_init(key, *, model, lr, image_shape):
-  return _eval_pool(model, lr, image_shape).init_member(key)
-
-
-def _train_on_set(key, x_syn, y_syn, *, model, lr, steps, batch_size, augment):
-  """A fresh network trained `steps` Adam steps (MSE) on `(x_syn, y_syn)`; returns its variables.
-
-  A Python loop over a jitted step rather than `lax.scan`: XLA:CPU runs the convolutions of a
-  backward pass inside a loop body about 30x slower (jax-ml/jax#12868).
-  """
-  pool = _eval_pool(model, lr, tuple(x_syn.shape[1:]))
-  init_key, batch_key = jax.random.split(key)
-  member = _eval_init(init_key, model=model, lr=lr, image_shape=tuple(x_syn.shape[1:]))
-  for step_key in jax.random.split(batch_key, steps):
-    member = _eval_train_step(
-        member, step_key, x_syn, y_syn, model=model, lr=lr, batch_size=batch_size,
-        augment=augment,
+  def result(self, state: FRePoState) -> distilled_lib.PixelSet:
+    """The distilled images with their learned `(N, C)` labels."""
+    return distilled_lib.PixelSet(
+        x=np.asarray(state.x_syn),
+        y=np.asarray(state.y_syn),
+        meta=self.data.set_meta("frepo", self.config.ipc, label_kind="learned"),
     )
-  return pool.variables(member)
 
+  def divergence_hint(self) -> str:
+    c = self.config
+    return (f"lower outer.lr (now {c.outer.lr}) or pool.online_lr (now {c.pool.online_lr}), or "
+            f"raise outer.kernel_reg (now {c.outer.kernel_reg})")
 
-def krr_evaluation(
-    config: ml_collections.ConfigDict,
-    x_syn: Array,
-    y_syn: Array,
-    x_test: Array,
-    y_test: Array,
-    *,
-    num_classes: int,
-    seed: int,
-) -> dict[str, Any]:
-  """FRePo's KRR test accuracy of a distilled set, over `config.krr_eval.num_models` networks.
-
-  Each network (FRePo's ConvNet with `config.krr_eval.norm`) starts from a fresh initialisation
-  (keys from `seed`), trains `config.krr_eval.train_steps` Adam steps (lr `config.online_lr`,
-  MSE on `y_syn`, batches of `min(N, krr_eval.batch_size)` drawn without replacement, FRePo's
-  augmentation when `krr_eval.augment`) on the distilled set, and predicts the test set with
-  KRR on its features and the distilled set as support (`krr_accuracy`).
-
-  Returns:
-    `{"mean", "std", "n", "accuracies", "train_steps", "norm"}` (accuracies in [0, 1]).
-  """
-  settings = config.krr_eval
-  model = pool_model(config, num_classes, norm=settings.norm)
-  x_syn = jnp.asarray(x_syn, jnp.float32)
-  y_syn = jnp.asarray(y_syn)
-  if y_syn.ndim == 1:
-    y_syn = centered_one_hot(y_syn.astype(jnp.int32), num_classes)
-  y_syn = y_syn.astype(jnp.float32)
-  train = functools.partial(
-      _train_on_set,
-      model=model,
-      lr=float(config.online_lr),
-      steps=int(settings.train_steps),
-      batch_size=min(x_syn.shape[0], settings.batch_size),
-      augment=bool(settings.augment),
-  )
-  accuracies = [
-      krr_accuracy(
-          x_syn, y_syn, x_test, y_test, model, train(key, x_syn, y_syn),
-          kernel_reg=config.kernel_reg, use_flip=config.use_flip,
-      )
-      for key in jax.random.split(jax.random.key(seed), settings.num_models)
-  ]
-  return {
-      "mean": float(np.mean(accuracies)),
-      "std": float(np.std(accuracies)),
-      "n": len(accuracies),
-      "accuracies": [float(a) for a in accuracies],
-      "train_steps": int(settings.train_steps),
-      "norm": settings.norm,
-      "augment": bool(settings.augment),
-  }
-
-
-def report_extras(
-    config: ml_collections.ConfigDict,
-    data: RealData,
-    distilled_set: distilled_lib.PixelSet,
-    workdir: io_lib.Workdir,
-) -> dict[str, Any]:
-  """FRePo's additions to report.json: the KRR test accuracy, and a heatmap of the labels.
-
-  Writes `images/labels.png` (the learned labels, rows = distilled images, columns = classes).
-
-  Returns:
-    `{"krr_accuracy": krr_evaluation(...)}`.
-  """
-  labels = np.asarray(distilled_set.y, np.float32)
-  if labels.ndim == 2:
-    io_lib.save_heatmap(
-        os.path.join(workdir.images_dir, "labels.png"),
-        labels,
-        xlabel="class",
-        ylabel="distilled image",
-        title="FRePo learned labels",
+  def krr_recipe(self) -> Recipe:
+    """The KRR evaluation's training recipe (released `proto_evaluate(eval_krr=True)`): the
+    pool's ConvNet with `eval.krr.norm`, constant-lr Adam at `pool.online_lr`, MSE on the set's
+    labels, batches of `min(N, eval.krr.batch_size)`, FRePo's augmentation when
+    `eval.krr.augment`."""
+    krr, pool = self.config.eval.krr, self.config.pool
+    return Recipe(
+        model=pool.model, model_kwargs=pool_model_kwargs(pool, norm=krr.norm),
+        optimizer="adam", lr=float(pool.online_lr), momentum=0.0, weight_decay=0.0,
+        schedule="constant", steps=krr.train_steps, batch_size=krr.batch_size,
+        loss="mse", augmentation="frepo" if krr.augment else "none",
+        aug_strategy=data_lib.augment.FREPO_STRATEGY, no_flip_grayscale=True,
     )
-  result = krr_evaluation(
-      config,
-      distilled_set.x,
-      distilled_set.y,
-      data.x_test,
-      data.y_test,
-      num_classes=data.num_classes,
-      seed=config.seed,
-  )
-  logging.info(
-      "FRePo KRR test accuracy: %.2f%% +- %.2f over %d networks",
-      100 * result["mean"], 100 * result["std"], result["n"],
-  )
-  return {"krr_accuracy": result}
 
-
-METHODS.register("frepo", Method("frepo", distill=distill, report_extras=report_extras))
+  def report_extras(self, distilled_set, workdir: io_lib.Workdir) -> dict[str, Any]:
+    """FRePo's additions to report.json: the KRR test accuracy (paper Table 1, in brackets) and
+    a heatmap of the learned labels (`images/labels.png`)."""
+    if distilled_set.label_kind != "class_ids":
+      io_lib.save_heatmap(
+          os.path.join(workdir.images_dir, "labels.png"),
+          np.asarray(distilled_set.y, np.float32),
+          xlabel="class", ylabel="distilled image", title="FRePo learned labels",
+      )
+    outer = self.config.outer
+    result = evaluation.krr_evaluate(
+        distilled_set, self.krr_recipe(), self.data.x_test, self.data.y_test,
+        kernel_reg=outer.kernel_reg, reg_floor=outer.kernel_reg_floor, use_flip=outer.use_flip,
+        seed=self.config.seed, num_models=self.config.eval.krr.num_models,
+    )
+    return {"krr_accuracy": result}

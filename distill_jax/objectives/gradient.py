@@ -23,8 +23,16 @@ def _layer_cosine_distance(grad_a: jax.Array, grad_b: jax.Array) -> jax.Array:
   units_a = grad_a.reshape(-1, grad_a.shape[-1])
   units_b = grad_b.reshape(-1, grad_b.shape[-1])
   dots = jnp.sum(units_a * units_b, axis=0)
-  norms = jnp.linalg.norm(units_a, axis=0) * jnp.linalg.norm(units_b, axis=0)
+  norms = _safe_norm(units_a) * _safe_norm(units_b)
   return jnp.sum(1.0 - dots / (norms + _COSINE_EPS))
+
+
+def _safe_norm(units: jax.Array) -> jax.Array:
+  """Column norms whose gradient at an all-zero column is 0, as PyTorch's `torch.norm` (a
+  unit that received no gradient, e.g. a dead ReLU), instead of `jnp.linalg.norm`'s NaN."""
+  squares = jnp.sum(jnp.square(units), axis=0)
+  positive = squares > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
 
 
 def gradient_matching_loss(grads_a: PyTree, grads_b: PyTree, *, distance: str = "mse") -> jax.Array:

@@ -32,7 +32,7 @@ def _check_features(feat_target: jax.Array, feat_support: jax.Array,
 
 
 def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.Array, *,
-                reg: float | jax.Array = 1e-6) -> jax.Array:
+                reg: float | jax.Array = 1e-6, reg_floor: float | jax.Array = 1.0) -> jax.Array:
   r"""KRR prediction with the conjugate (feature inner-product) kernel, FRePo Eq. 2.
 
   Computes `K_ts (K_ss + lam * I)^-1 Y_s` with `K_ts = F_t F_s^T`, `K_ss = F_s F_s^T` and the
@@ -45,7 +45,8 @@ def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.
   `F_s^T (F_s F_s^T + lam I)^-1 = (F_s^T F_s + lam I)^-1 F_s^T`. The smaller Gram matrix is
   generically full rank, so the solve stays accurate when the support set outnumbers the
   feature dimension (the `n_s x n_s` matrix then has rank `d < n_s`). The relative ridge is
-  floored at `n_s * eps(dtype)` (1.2e-5 for 100 float32 rows, ~2e-14 in float64): with a single
+  floored at `reg_floor * n_s * eps(dtype)` (with the default `reg_floor = 1`: 1.2e-5 for 100
+  float32 rows, ~2e-14 in float64; `reg_floor = 0` uses `reg` as given): with a single
   dominant eigenvalue (ReLU features share a large mean direction) `lam_max ~ tr(K_ss)`, and a
   ridge below `eps * lam_max` makes the float32 Cholesky fail (NaN) or be dominated by rounding.
   FRePo's default `reg = 1e-6` is therefore raised to the floor in float32 once `n_s > 8`; in
@@ -56,6 +57,7 @@ def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.
     feat_support: `(n_s, d)` features of the support (distilled) set.
     y_support: `(n_s, C)` support labels (one-hot or learned, float).
     reg: relative ridge `lambda_0` (keyword-only; may be traced).
+    reg_floor: the ridge floor in units of `n_s * eps(dtype)` (may be traced); 0 disables it.
 
   Returns:
     `(n_t, C)` predicted targets.
@@ -75,7 +77,7 @@ def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.
   n_s, d = feat_support.shape
   dtype = jnp.result_type(feat_target, feat_support, y_support)
   eps = jnp.finfo(dtype).eps
-  reg_eff = jnp.maximum(jnp.asarray(reg, dtype), n_s * eps)
+  reg_eff = jnp.maximum(jnp.asarray(reg, dtype), jnp.asarray(reg_floor, dtype) * n_s * eps)
   if n_s <= d:
     gram = jnp.matmul(feat_support, feat_support.T, precision=_PRECISION)
   else:
@@ -92,7 +94,8 @@ def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.
 
 
 def krr_loss(feat_target: jax.Array, y_target: jax.Array, feat_support: jax.Array,
-             y_support: jax.Array, *, reg: float | jax.Array = 1e-6) -> jax.Array:
+             y_support: jax.Array, *, reg: float | jax.Array = 1e-6,
+             reg_floor: float | jax.Array = 1.0) -> jax.Array:
   r"""FRePo's meta-loss, paper 004 Eq. 3: squared error of the KRR prediction on real data.
 
   `mean_i 0.5 * sum_c (y_target[i, c] - krr_predict(...)[i, c])^2`, i.e. a sum over classes
@@ -104,6 +107,7 @@ def krr_loss(feat_target: jax.Array, y_target: jax.Array, feat_support: jax.Arra
     feat_support: `(n_s, d)` features of the distilled set.
     y_support: `(n_s, C)` distilled labels.
     reg: relative ridge, see `krr_predict`.
+    reg_floor: ridge floor, see `krr_predict`.
 
   Returns:
     Scalar loss.
@@ -118,5 +122,5 @@ def krr_loss(feat_target: jax.Array, y_target: jax.Array, feat_support: jax.Arra
     raise ValueError(
         f"y_target must be (n_target, num_classes) = ({feat_target.shape[0]}, "
         f"{y_support.shape[-1]}), got {y_target.shape}.")
-  pred = krr_predict(feat_target, feat_support, y_support, reg=reg)
+  pred = krr_predict(feat_target, feat_support, y_support, reg=reg, reg_floor=reg_floor)
   return 0.5 * jnp.mean(jnp.sum((y_target - pred) ** 2, axis=-1))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distill_jax.objectives import mse_loss
+from distill_jax.training.trainer import loss_and_grads
 
 Array = jax.Array
 PyTree = Any
@@ -69,8 +69,9 @@ class ModelPool:
     max_online_updates: K; a member whose step counter exceeds K is re-initialised instead of
       trained (FRePo: 100; the released code resets when `step > K`).
     optimizer: the members' online optimiser (FRePo: Adam, constant lr 3e-4, no weight decay).
-    loss_fn: `loss_fn(logits (B, C), targets (B, C)) -> scalar`, the online training loss
-      (FRePo: MSE, `distill_jax.objectives.mse_loss`).
+    loss_fn: `loss_fn(logits (B, C), targets (B, C)) -> (B,)` per-example training loss,
+      averaged over the batch (FRePo: MSE, `0.5 * sum_c (logits - targets)^2`,
+      `Recipe(loss="mse").per_example_loss`).
   """
 
   model: nn.Module
@@ -80,7 +81,7 @@ class ModelPool:
   optimizer: optax.GradientTransformation = dataclasses.field(
       default_factory=lambda: optax.adam(3e-4)
   )
-  loss_fn: Callable[[Array, Array], Array] = mse_loss
+  loss_fn: Callable[[Array, Array], Array] = lambda logits, y: 0.5 * jnp.sum((logits - y) ** 2, -1)
 
   def __post_init__(self) -> None:
     if not isinstance(self.num_models, int) or self.num_models < 1:
@@ -164,13 +165,10 @@ class ModelPool:
       the updated member (step counter + 1) and the loss before the step (scalar).
     """
     x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
-
-    def loss_of(params):
-      variables = {**self.variables(member), "params": params}
-      logits, updates = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
-      return self.loss_fn(logits, y), updates
-
-    (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(member.params)
+    model_state = {"batch_stats": member.batch_stats} if member.batch_stats else {}
+    # The shared trainer's forward/backward (a weighted mean; all weights 1 here).
+    (loss, updates), grads = loss_and_grads(self.model, member.params, model_state, x, y,
+                                            jnp.ones(x.shape[0]), self.loss_fn, rngs=None)
     param_updates, opt_state = self.optimizer.update(grads, member.opt_state, member.params)
     new_member = MemberState(
         params=optax.apply_updates(member.params, param_updates),
