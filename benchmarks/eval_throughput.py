@@ -5,8 +5,8 @@ norm, DSA on every batch) on a Fashion-MNIST-shaped training set (28x28x1, 10 cl
 100 images, random pixels: throughput does not depend on the values) for `--steps` steps, twice
 in the same process:
 
-  vmapped  `train_networks(vectorize=True)`: one jitted program, vmapped over the networks;
-  loop     `train_networks(vectorize=False)`: the networks one after the other, each trained by
+  vmapped  `Trainer.train(vectorize=True)`: one jitted program, vmapped over the networks;
+  loop     `Trainer.train(vectorize=False)`: the networks one after the other, each trained by
            the same un-vmapped jitted program (compiled once).
 
 and prints training images per second (networks x steps x batch / wall-clock of the training
@@ -27,10 +27,10 @@ import jax
 import numpy as np
 
 try:
-  from distill_jax import evaluation
+  from distill_jax import distilled, evaluation, training
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from distill_jax import evaluation
+  from distill_jax import distilled, evaluation, training
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
   n = num_classes * args.ipc
   x_train = rng.uniform(size=(n,) + image_shape).astype(np.float32)
   y_train = np.repeat(np.arange(num_classes, dtype=np.int32), args.ipc)
+  meta = distilled.SetMeta(method="random", dataset="fashion_mnist", ipc=args.ipc,
+                           num_classes=num_classes, image_shape=image_shape)
+  training_set = distilled.PixelSet(x_train, y_train, meta=meta)
   protocol = evaluation.get_protocol(args.protocol, steps=steps, width=width)
   batch = protocol.effective_batch_size(n)
   keys = jax.random.split(jax.random.key(args.seed), args.num_models)
@@ -63,10 +66,9 @@ def main(argv: list[str] | None = None) -> None:
   )
   results = {}
   for name, vectorize in (("vmapped", True), ("loop", False)):
-    trained = evaluation.train_networks(
-        x_train, y_train, protocol, num_classes=num_classes, keys=keys, vectorize=vectorize,
-        log_every_steps=steps,
-    )
+    # chunk=steps: one scanned program for the vmapped run on accelerators (1 on CPU).
+    trainer = training.Trainer.for_set(protocol, training_set, chunk=steps)
+    trained = trainer.train(keys, training_set, vectorize=vectorize, log_every=steps)
     images = args.num_models * trained.steps * batch
     results[name] = images / trained.seconds
     print(

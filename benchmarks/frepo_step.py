@@ -31,12 +31,13 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import frepo as frepo_config  # noqa: E402
+from distill_jax import data as data_lib  # noqa: E402
 from distill_jax.methods import frepo  # noqa: E402
 
 SHAPES = {
     "cifar10_ipc10": ("cifar10,ipc=10", (32, 32, 3), 10),
     "cpu": ("fashion_mnist,ipc=10,cpu", (28, 28, 1), 10),
-    "cpu_width64": ("fashion_mnist,ipc=10,cpu,width=64", (28, 28, 1), 10),
+    "cpu_width64": ("fashion_mnist,ipc=10,cpu,pool.width=64", (28, 28, 1), 10),
 }
 
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time, from {sorted(SHAPES)}.")
@@ -70,23 +71,26 @@ def time_step(arg: str, image_shape: tuple[int, int, int], num_classes: int, *, 
               num_real: int) -> dict[str, float]:
   """Compiles and times `steps` FRePo steps of config `configs/frepo.py:<arg>`."""
   config = frepo_config.get_config(arg)
-  model = frepo.FRePo(config, num_classes=num_classes, image_shape=image_shape)
   rng = np.random.default_rng(0)
-  x_train = jnp.asarray(rng.normal(size=(num_real, *image_shape)), jnp.float32)
-  y_train = jnp.asarray(rng.integers(0, num_classes, num_real), jnp.int32)
+  x_train = rng.normal(size=(num_real, *image_shape)).astype(np.float32)
+  y_train = (np.arange(num_real) % num_classes).astype(np.int32)
+  data = data_lib.RealData("random", num_classes, image_shape,
+                           tuple(str(c) for c in range(num_classes)), x_train, y_train,
+                           x_train[:num_classes], y_train[:num_classes])
+  method = frepo.FRePo(config, data)
   num_syn = config.ipc * num_classes
-  state = model.initial_state(
-      jax.random.key(0), x_train[:num_syn], jnp.arange(num_syn) % num_classes
-  )
+  state = jax.jit(method.init)(jax.random.key(0))
+  inputs = method.inputs(1)
   start = time.perf_counter()
-  compiled = frepo._jitted_step.lower(model, state, x_train, y_train).compile()
+  # As the run loop compiles it: ahead of time, the state donated.
+  compiled = jax.jit(method.step, donate_argnums=0).lower(state, inputs).compile()
   compile_seconds = time.perf_counter() - start
   flops = _flops(compiled)
-  state, metrics = compiled(state, x_train, y_train)  # Warm-up (and a check that it runs).
+  state, metrics = compiled(state, inputs)  # Warm-up (and a check that it runs).
   jax.block_until_ready((state, metrics))
   start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, x_train, y_train)
+  for step in range(steps):
+    state, metrics = compiled(state, method.inputs(step + 2))
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / steps
   if not np.isfinite(float(metrics["loss"])):
@@ -96,9 +100,9 @@ def time_step(arg: str, image_shape: tuple[int, int, int], num_classes: int, *, 
       "gflop_per_step": flops / 1e9,
       "gflop_per_second": flops / seconds / 1e9,
       "compile_seconds": compile_seconds,
-      "real_batch": config.real_batch_size,
+      "real_batch": config.outer.real_batch_size,
       "num_syn": num_syn,
-      "width": config.width,
+      "width": config.pool.width,
   }
 
 

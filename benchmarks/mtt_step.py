@@ -38,29 +38,33 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import mtt as mtt_config  # noqa: E402
-from distill_jax.methods import mtt  # noqa: E402
+from distill_jax import data as data_lib  # noqa: E402
+from distill_jax.methods import _pixels, mtt  # noqa: E402
 
 
 def make_config(*, width: int, syn_steps: int, remat: bool, ipc: int, student_loop: str = "auto"):
   config = mtt_config.get_config(f"ipc={ipc}")
-  config.syn_steps = syn_steps
-  config.remat = remat
-  config.student_loop = student_loop
-  config.batch_syn = 0  # The whole set per student step (MTT's default).
+  config.inner.steps = syn_steps
+  config.inner.remat = remat
+  config.inner.loop = student_loop
+  config.inner.batch_size = 0  # The whole set per student step (MTT's default).
   config.experts.model_kwargs.width = width
   return config
 
 
 def build(config, image_shape, num_classes):
-  """The MTT step and concrete arguments for it (random images, expert-like parameters)."""
-  method = mtt.MTT(config, num_classes=num_classes, image_shape=image_shape, num_experts=1)
+  """The MTT method, its state and step inputs (random images, expert-like parameters)."""
   n = num_classes * config.ipc
-  x_syn = jax.random.normal(jax.random.key(0), (n, *image_shape), jnp.float32)
-  y_syn = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.ipc)
-  start = method.model.init(jax.random.key(1), x_syn[:1])["params"]
+  x = jax.random.normal(jax.random.key(0), (n, *image_shape), jnp.float32)
+  y = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.ipc)
+  data = data_lib.RealData("random", num_classes, image_shape,
+                           tuple(str(c) for c in range(num_classes)), x, y, x, y)
+  method = mtt.MTT(config, data)  # No prepare(): the inputs below stand in for the buffer.
+  start = method.model.init(jax.random.key(1), x[:1])["params"]
   target = jax.tree.map(lambda p: p + 0.01 * jnp.ones_like(p), start)
-  state = method.init(jax.random.key(2), x_syn)
-  return method, state, y_syn, start, target
+  inputs = {"start": start, "target": target, "expert": jnp.int32(0),
+            "start_epoch": jnp.int32(0)}
+  return method, jax.jit(method.init)(jax.random.key(2)), inputs
 
 
 def memory_bytes(compiled) -> tuple[int, int]:
@@ -71,28 +75,29 @@ def memory_bytes(compiled) -> tuple[int, int]:
   return int(peak), int(m.temp_size_in_bytes)
 
 
-def time_step(method, state, y_syn, start, target, repeats: int) -> float:
+def time_step(compiled, state, inputs, repeats: int) -> float:
   """Median milliseconds per iteration after one warm-up call."""
-  state, metrics = method.step(state, y_syn, start, target)
+  state, metrics = compiled(state, inputs)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    state, metrics = method.step(state, y_syn, start, target)
+    state, metrics = compiled(state, inputs)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   return 1000 * statistics.median(times)
 
 
 def measure(config, image_shape, num_classes, *, repeats, max_run_bytes, run=True):
-  method, state, y_syn, start, target = build(config, image_shape, num_classes)
+  method, state, inputs = build(config, image_shape, num_classes)
   t0 = time.perf_counter()
-  compiled = method.step.lower(state, y_syn, start, target).compile()
+  # As the run loop compiles it: ahead of time, the state donated.
+  compiled = jax.jit(method.step, donate_argnums=0).lower(state, inputs).compile()
   compile_s = time.perf_counter() - t0
   peak, temp = memory_bytes(compiled)
   ms = None
   if run and peak <= max_run_bytes:
-    ms = time_step(method, state, y_syn, start, target, repeats)
+    ms = time_step(compiled, state, inputs, repeats)
   return {"peak": peak, "temp": temp, "ms": ms, "compile_s": compile_s}
 
 
@@ -105,7 +110,7 @@ def main() -> int:
   parser.add_argument("--small", action="store_true", help="toy sizes: width 16, ipc 2")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--no_time", action="store_true", help="memory analysis only (compile, no run)")
-  parser.add_argument("--student_loop", default="scan", choices=mtt.STUDENT_LOOPS,
+  parser.add_argument("--student_loop", default="scan", choices=_pixels.LOOPS,
                       help="student loop of the N sweep ([1]); [2] always uses 'auto'")
   total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   parser.add_argument("--max_run_gb", type=float, default=0.5 * total / 2**30,
@@ -142,7 +147,7 @@ def sweep_remat(args, *, width: int, ipc: int, max_run: int) -> bool:
                   run=not args.no_time)
       peaks[(syn_steps, remat)] = r["peak"]
       ms = f"{r['ms']:10.1f}" if r["ms"] is not None else "   skipped"
-      resolved = mtt.resolve_student_loop(loop, remat=remat)
+      resolved = _pixels.resolve_loop(loop, remat=remat)
       print(f"{syn_steps:>4} {str(remat):>6} {resolved:>9} {gib(r['peak'])} {gib(r['temp'])} {ms} "
             f"{r['compile_s']:10.1f}", flush=True)
   ratio = peaks[(80, True)] / peaks[(10, True)]
@@ -162,7 +167,7 @@ def time_fashion_mnist(args, *, width: int, max_run: int) -> None:
     r = measure(config, (28, 28, 1), 10, repeats=args.repeats, max_run_bytes=max_run,
                 run=not args.no_time)
     ms = f"{r['ms']:10.1f}" if r["ms"] is not None else "   skipped"
-    resolved = mtt.resolve_student_loop("auto", remat=False)
+    resolved = _pixels.resolve_loop("auto", remat=False)
     print(f"{fm_ipc:>4} {10 * fm_ipc:>7} {resolved:>9} {gib(r['peak'])} {ms} "
           f"{r['compile_s']:10.1f}", flush=True)
 

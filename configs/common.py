@@ -116,6 +116,24 @@ def update(
       target[leaf] = value
 
 
+def merge(*presets: Mapping[str, Any]) -> dict[str, Any]:
+  """Presets merged left to right, nested dicts key by key (later values win).
+
+  For presets built from others: `{**a, **b}` would let b's `pool` block replace a's whole
+  `pool` block instead of adding to it.
+
+  >>> merge({"pool": {"depth": 2}, "ipc": 1}, {"pool": {"width": 8}, "ipc": 2})
+  {'pool': {'depth': 2, 'width': 8}, 'ipc': 2}
+  """
+  merged: dict[str, Any] = {}
+  for preset in presets:
+    for key, value in preset.items():
+      if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        value = merge(merged[key], value)
+      merged[key] = value
+  return merged
+
+
 def base_config(method: str) -> ml_collections.ConfigDict:
   """The fields every distillation config shares; method files add their own beside them."""
   config = ml_collections.ConfigDict()

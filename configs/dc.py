@@ -19,7 +19,8 @@ from configs.dm import dataset_preset
 _DSA = "color_crop_cutout_flip_scale_rotate"  # main.py README: --dsa_strategy for DSA.
 
 PRESETS = {
-    **{name: dataset_preset(name, "dc") for name in common.DATASETS},
+    # The depth reaches both DC's protocol and DSA's (the `dsa` preset evaluates with `dsa`).
+    **{name: dataset_preset(name, "dc", "dsa") for name in common.DATASETS},
     # DSA (main.py --method DSA --dsa_strategy color_crop_cutout_flip_scale_rotate): Siamese DSA
     # when matching, DSA when training the network, evaluation with DSA for 1000 epochs.
     "dsa": {
@@ -27,8 +28,7 @@ PRESETS = {
         "eval": {"protocols": "dsa,standard"},
     },
     # The whole path in well under a minute on 2 CPU cores.
-    "smoke": {
-        **dataset_preset("digits", "dc"),
+    "smoke": common.merge(dataset_preset("digits", "dc", "dsa"), {
         "ipc": 2,
         "num_steps": 20,
         "log_every": 10,
@@ -40,7 +40,7 @@ PRESETS = {
             "num_models": 2,
             "overrides": {"dc": {"epochs": 100, "width": 8}},
         },
-    },
+    }),
     # The CPU benchmark (Fashion-MNIST IPC 1 within 30 minutes on 2 cores; figures and the
     # command in docs/results.md). Ours, not the authors': a width-16 ConvNet (XLA:CPU
     # convolutions dominate) and, for the evaluation, the `dc` protocol at width 16 (300 epochs

@@ -44,8 +44,7 @@ PRESETS = {
     "tiny_imagenet": _dataset("tiny_imagenet", _RGB, depth=4),
     # The whole path (distil, evaluate, report) in under a minute on 2 CPU cores. It distils
     # digits; a dataset preset after it switches the data, e.g. `smoke,fashion_mnist`.
-    "smoke": {
-        **_dataset("digits", _GREY, depth=2),
+    "smoke": common.merge(_dataset("digits", _GREY, depth=2), {
         "ipc": 2,
         "num_steps": 60,
         "log_every": 20,
@@ -63,7 +62,7 @@ PRESETS = {
                 "standard": {"epochs": 20, "width": 8, "depth": 2},
             },
         },
-    },
+    }),
     # The CPU benchmark on 2 cores (figures and commands in docs/results.md): narrower pool
     # models (width 32: 32/64/128), a real batch of 256 and 2000 outer steps (the authors'
     # CPU run: width 64, batch 256, 2000 steps; paper Figure 3b: most of the accuracy comes

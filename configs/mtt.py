@@ -84,11 +84,10 @@ _DEPTH = {"tiny_imagenet": 4, "imagenette": 5, "digits": 2}
 
 def _dataset_preset(name: str) -> dict[str, Any]:
   depth = _DEPTH.get(name, 3)
-  preset = {"dataset": name, "experts": {"model_kwargs": {"depth": depth}}}
-  if depth != 3:
-    # MTT evaluates with the network it distilled with (distill.py --model for both).
-    preset["eval"] = {"overrides": {"mtt": {"depth": depth}}}
-  return preset
+  # MTT evaluates with the network it distilled with (distill.py --model for both); set even
+  # for depth 3, so that a dataset preset after `smoke` (depth 2) resets both.
+  return {"dataset": name, "experts": {"model_kwargs": {"depth": depth}},
+          "eval": {"overrides": {"mtt": {"depth": depth}}}}
 
 
 PRESETS = {

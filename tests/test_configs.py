@@ -1,5 +1,6 @@
 """The preset parser, the registry and every config file's presets."""
 
+import functools
 import glob
 import importlib
 import os
@@ -8,6 +9,8 @@ import ml_collections
 import pytest
 
 from configs import common
+from distill_jax import data as data_lib
+from distill_jax import methods, pipeline
 from distill_jax.registry import Registry, UnknownNameError
 
 CONFIG_FILES = sorted(
@@ -15,6 +18,9 @@ CONFIG_FILES = sorted(
     for p in glob.glob(os.path.join(os.path.dirname(common.__file__), "*.py"))
     if not p.endswith(("__init__.py", "common.py"))
 )
+METHOD_CONFIGS = [name for name in CONFIG_FILES if name != "evaluate"]
+# Datasets every machine has (scikit-learn's digits, Debian's Fashion-MNIST package).
+OFFLINE_DATASETS = ("digits", "fashion_mnist")
 
 
 def test_parse_arg_splits_presets_and_literals():
@@ -50,13 +56,69 @@ def test_registry_lists_valid_names():
     reg.register("a", 3)
 
 
+def _network_depth(config) -> int:
+  """The depth of the network a method config distils with."""
+  if config.method == "frepo":
+    return config.pool.depth
+  if config.method == "mtt":
+    return config.experts.model_kwargs.depth
+  return config.pool.model_kwargs.depth
+
+
+@functools.cache
+def _real_data(name: str, preprocessing: str):
+  return data_lib.load_real(name, preprocessing)
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_preset_of_every_config_applies(name):
   module = importlib.import_module(f"configs.{name}")
   base = module.get_config()
   assert isinstance(base, ml_collections.ConfigDict)
-  for preset in module.PRESETS:
+  for preset in [None, *module.PRESETS]:
     config = module.get_config(preset)
     # Derived values are never written into a config.
     assert "num_classes" not in config and "image_shape" not in config
     config.to_json()  # config.json must be writable.
+    pipeline._protocol_names(config)  # Every named protocol and override exists.
+    if config.method == "random":  # configs/evaluate.py: no method to build.
+      continue
+    method_class = methods.get_method(config.method)
+    if config.dataset in OFFLINE_DATASETS:
+      # Construction validates the method's settings on its data (no training happens).
+      data = _real_data(config.dataset, config.preprocessing)
+      data.check_ipc(config.ipc)
+      method = method_class(config, data)
+      assert method.num_steps >= config.num_steps
+
+
+def test_every_offline_dataset_is_reached_by_a_preset():
+  """The construction test above covers digits and Fashion-MNIST for every method."""
+  for name in METHOD_CONFIGS:
+    module = importlib.import_module(f"configs.{name}")
+    reached = {module.get_config(p).dataset for p in [None, *module.PRESETS]}
+    assert set(OFFLINE_DATASETS) <= reached, name
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_the_headline_protocol_evaluates_with_the_distillation_depth(name):
+  """Every preset, alone and combined with every dataset preset in both orders, distils and
+  evaluates (the first protocol, the method's own) with the depth of its dataset's preset."""
+  module = importlib.import_module(f"configs.{name}")
+  datasets = [p for p in module.PRESETS if p in common.DATASETS]
+  others = [p for p in module.PRESETS if p not in common.DATASETS]
+  args = [*module.PRESETS, *(f"{d},{o}" for d in datasets for o in others),
+          *(f"{o},{d}" for d in datasets for o in others)]
+  for arg in args:
+    config = module.get_config(arg)
+    expected = _network_depth(module.get_config(config.dataset))
+    assert _network_depth(config) == expected, arg
+    headline = config.eval.protocols.split(",")[0]
+    protocol = pipeline._protocol(config, headline)
+    assert protocol.model_kwargs["depth"] == expected, (arg, headline)
+
+
+def test_merge_nests_presets():
+  merged = common.merge({"pool": {"depth": 2, "model_kwargs": {"a": 1}}, "ipc": 1},
+                        {"pool": {"model_kwargs": {"b": 2}}, "ipc": 2})
+  assert merged == {"pool": {"depth": 2, "model_kwargs": {"a": 1, "b": 2}}, "ipc": 2}

@@ -17,8 +17,8 @@ from distill_jax.data.augment import dsa_params
 from distill_jax.data.augment import frepo_apply
 from distill_jax.data.augment import frepo_augment
 from distill_jax.data.augment import frepo_params
-from distill_jax.data.augment import rrc_apply
-from distill_jax.data.augment import rrc_params
+from distill_jax.data.crops import rrc_apply
+from distill_jax.data.crops import rrc_params
 from distill_jax.data.datasets import DATASETS
 from distill_jax.data.datasets import DataNotFoundError
 from distill_jax.data.datasets import DatasetInfo
@@ -27,7 +27,7 @@ from distill_jax.data.datasets import fingerprint
 from distill_jax.data.datasets import info
 from distill_jax.data.datasets import load
 from distill_jax.data.datasets import prepare
-from distill_jax.data.datasets import read_idx
+from distill_jax.data.files import read_idx
 from distill_jax.data.preprocessing import Preprocessor
 from distill_jax.data.preprocessing import fit_preprocessor
 from distill_jax.data.sampling import balanced_indices

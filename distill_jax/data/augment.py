@@ -1,6 +1,6 @@
 """Differentiable image augmentation with recorded parameters (jnp only, jit-able).
 
-Three families, each split into `*_params(key, n, ...)` (sample the random parameters of a batch
+Two families, each split into `*_params(key, n, ...)` (sample the random parameters of a batch
 of n images) and `*_apply(x, params, ...)` (apply them), so a batch can be augmented again
 identically later: DC/DM's Siamese augmentation applies one draw to the real and the synthetic
 batch, D3S relabels images with the exact crops it trained on.
@@ -29,22 +29,20 @@ e^0.25], then the deviation from the per-pixel channel mean by another), `crop`
 |H*zoom - H|/2), `rotate` (U(-15, 15) degrees), `translate` (`RandomTranslate(0.125)`:
 continuous shift up to H/8, W/8), `cutout` (one (H//4) x (W//4) hole of zeros inside the image).
 
-Random-resized-crop + horizontal flip (torchvision `RandomResizedCrop` + `RandomHorizontalFlip`):
-`rrc_params` runs torchvision's 10 attempts (area fraction in `scale`, log-uniform aspect ratio
-in `ratio`, sides rounded half-to-even, top-left corner uniform) vectorised over the batch, with
-its centre-crop fallback; `rrc_apply` resamples each box to `size` with PIL's antialiased
-bilinear filter (torchvision's `antialias=True`), restricted to the box, then flips.
+Random-resized-crop with recorded parameters (D3S) is in `crops.py`; the resampling both use is
+in `resample.py`.
 """
 
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from distill_jax.data import resample
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 MODES = ("single", "multiple")
@@ -97,89 +95,6 @@ class AugParams:
 
 
 # ----------------------------------------------------------------------------------------------
-# Resampling helpers.
-
-
-def _bilinear(x: jax.Array, rows: jax.Array, cols: jax.Array, padding: str) -> jax.Array:
-  """Samples `x (B, H, W, C)` at fractional pixel positions `rows, cols (B, Ho, Wo)`.
-
-  `padding="zeros"` treats pixels outside the image as 0 (grid_sample's default);
-  `padding="edge"` clamps them to the border (map_coordinates' mode='nearest').
-  """
-  height, width = x.shape[1], x.shape[2]
-
-  def one(image, r, c):
-    r0, c0 = jnp.floor(r), jnp.floor(c)
-    wr, wc = r - r0, c - c0
-    r0, c0 = r0.astype(jnp.int32), c0.astype(jnp.int32)
-    flat = image.reshape(height * width, image.shape[-1])
-
-    def tap(ri, ci, weight):
-      index = jnp.clip(ri, 0, height - 1) * width + jnp.clip(ci, 0, width - 1)
-      if padding == "zeros":
-        weight = weight * ((ri >= 0) & (ri < height) & (ci >= 0) & (ci < width))
-      return flat[index] * weight[..., None]
-
-    return (
-        tap(r0, c0, (1 - wr) * (1 - wc)) + tap(r0, c0 + 1, (1 - wr) * wc)
-        + tap(r0 + 1, c0, wr * (1 - wc)) + tap(r0 + 1, c0 + 1, wr * wc)
-    )
-
-  return jax.vmap(one)(x, rows, cols)
-
-
-def _torch_affine(x: jax.Array, theta: jax.Array) -> jax.Array:
-  """`grid_sample(x, affine_grid(theta, align_corners=True), align_corners=True)`, zero padding.
-
-  `theta (B, 2, 2)` maps output (x=width, y=height) coordinates normalised to [-1, 1] onto input
-  coordinates, as in PyTorch (no translation column: DSA's scale and rotate have none).
-  """
-  height, width = x.shape[1], x.shape[2]
-  y_out, x_out = jnp.meshgrid(
-      jnp.linspace(-1.0, 1.0, height), jnp.linspace(-1.0, 1.0, width), indexing="ij"
-  )
-  t = theta[:, :, :, None, None]
-  x_in = t[:, 0, 0] * x_out + t[:, 0, 1] * y_out
-  y_in = t[:, 1, 0] * x_out + t[:, 1, 1] * y_out
-  cols = (x_in + 1.0) * 0.5 * (width - 1)
-  rows = (y_in + 1.0) * 0.5 * (height - 1)
-  return _bilinear(x, rows, cols, "zeros")
-
-
-def _centred_affine(
-    x: jax.Array, matrix: jax.Array, offset: jax.Array, padding: str
-) -> jax.Array:
-  """augmax's geometric sampling: `in = matrix @ (out - c) + offset + c` in (row, col) pixels.
-
-  `c = ((H - 1) / 2, (W - 1) / 2)` is the pixel-grid centre; `matrix (B, 2, 2)`,
-  `offset (B, 2)`.
-  """
-  height, width = x.shape[1], x.shape[2]
-  r_out, c_out = jnp.meshgrid(
-      jnp.arange(height, dtype=jnp.float32) - (height - 1) / 2,
-      jnp.arange(width, dtype=jnp.float32) - (width - 1) / 2,
-      indexing="ij",
-  )
-  m = matrix[:, :, :, None, None]
-  rows = m[:, 0, 0] * r_out + m[:, 0, 1] * c_out + offset[:, 0, None, None] + (height - 1) / 2
-  cols = m[:, 1, 0] * r_out + m[:, 1, 1] * c_out + offset[:, 1, None, None] + (width - 1) / 2
-  return _bilinear(x, rows, cols, padding)
-
-
-def _per_image(value: jax.Array) -> jax.Array:
-  return value[:, None, None, None]
-
-
-def _flip(x: jax.Array, flip: jax.Array) -> jax.Array:
-  return jnp.where(_per_image(flip), x[:, :, ::-1, :], x)
-
-
-def _uniform_int(u: jax.Array, count: int) -> jax.Array:
-  """Maps U[0, 1) draws to integers uniform in `0..count-1` (torch.randint's distribution)."""
-  return jnp.clip(jnp.floor(u * count), 0, count - 1).astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------------------------
 # DSA ops: sample(key, n) -> params; apply(x, params) -> x.
 
 
@@ -192,11 +107,11 @@ def _dsa_sample_color(u: jax.Array) -> Params:
 
 
 def _dsa_apply_color(x: jax.Array, p: Params) -> jax.Array:
-  x = x + _per_image(p["brightness"])
+  x = x + resample.per_image(p["brightness"])
   mean = x.mean(axis=3, keepdims=True)
-  x = (x - mean) * _per_image(p["saturation"]) + mean
+  x = (x - mean) * resample.per_image(p["saturation"]) + mean
   mean = x.mean(axis=(1, 2, 3), keepdims=True)
-  return (x - mean) * _per_image(p["contrast"]) + mean
+  return (x - mean) * resample.per_image(p["contrast"]) + mean
 
 
 def _keep_uniforms(u: jax.Array) -> Params:
@@ -208,8 +123,8 @@ def _dsa_apply_crop(x: jax.Array, p: Params) -> jax.Array:
   _, height, width, channels = x.shape
   shift_h = int(height * DSA_RATIO_CROP_PAD + 0.5)
   shift_w = int(width * DSA_RATIO_CROP_PAD + 0.5)
-  dy = _uniform_int(p["u"][:, 0], 2 * shift_h + 1) - shift_h
-  dx = _uniform_int(p["u"][:, 1], 2 * shift_w + 1) - shift_w
+  dy = resample.uniform_int(p["u"][:, 0], 2 * shift_h + 1) - shift_h
+  dx = resample.uniform_int(p["u"][:, 1], 2 * shift_w + 1) - shift_w
   padded = jnp.pad(x, ((0, 0), (shift_h, shift_h), (shift_w, shift_w), (0, 0)))
   # out[i, j] = x[i + dy, j + dx], zero outside the image.
   return jax.vmap(
@@ -224,8 +139,8 @@ def _dsa_apply_cutout(x: jax.Array, p: Params) -> jax.Array:
   size_h = int(height * DSA_RATIO_CUTOUT + 0.5)
   size_w = int(width * DSA_RATIO_CUTOUT + 0.5)
   # DSA draws the hole centre in 0..H - (size % 2) and clamps the hole to the image.
-  top = _uniform_int(p["u"][:, 0], height + 1 - size_h % 2) - size_h // 2
-  left = _uniform_int(p["u"][:, 1], width + 1 - size_w % 2) - size_w // 2
+  top = resample.uniform_int(p["u"][:, 0], height + 1 - size_h % 2) - size_h // 2
+  left = resample.uniform_int(p["u"][:, 1], width + 1 - size_w % 2) - size_w // 2
   rows, cols = jnp.arange(height), jnp.arange(width)
   in_rows = (rows >= top[:, None]) & (rows < top[:, None] + size_h)
   in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size_w)
@@ -238,7 +153,7 @@ def _dsa_sample_flip(u: jax.Array) -> Params:
 
 
 def _apply_flip(x: jax.Array, p: Params) -> jax.Array:
-  return _flip(x, p["flip"])
+  return resample.flip_images(x, p["flip"])
 
 
 def _dsa_sample_scale(u: jax.Array) -> Params:
@@ -249,7 +164,7 @@ def _dsa_sample_scale(u: jax.Array) -> Params:
 def _dsa_apply_scale(x: jax.Array, p: Params) -> jax.Array:
   zeros = jnp.zeros_like(p["sx"])
   theta = jnp.stack([jnp.stack([p["sx"], zeros], -1), jnp.stack([zeros, p["sy"]], -1)], 1)
-  return _torch_affine(x, theta)
+  return resample.torch_affine(x, theta)
 
 
 def _dsa_sample_rotate(u: jax.Array) -> Params:
@@ -259,7 +174,7 @@ def _dsa_sample_rotate(u: jax.Array) -> Params:
 def _dsa_apply_rotate(x: jax.Array, p: Params) -> jax.Array:
   cos, sin = jnp.cos(p["angle"]), jnp.sin(p["angle"])
   theta = jnp.stack([jnp.stack([cos, -sin], -1), jnp.stack([sin, cos], -1)], 1)
-  return _torch_affine(x, theta)
+  return resample.torch_affine(x, theta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,29 +200,21 @@ DSA_OPS: dict[str, _Op] = {
 # FRePo (augmax) ops.
 
 
-def _between(u: jax.Array, low: float, high: float) -> jax.Array:
-  return low + u * (high - low)
-
-
-def _log_between(u: jax.Array, low: float, high: float) -> jax.Array:
-  return jnp.exp(_between(u, math.log(low), math.log(high)))
-
-
 def _frepo_sample_color(u: jax.Array) -> Params:
   strength = math.exp(FREPO_COLOR)
   return {
-      "brightness": _between(u[:, 0], -FREPO_COLOR, FREPO_COLOR),
-      "contrast": _log_between(u[:, 1], 1 / strength, strength),
-      "saturation": _log_between(u[:, 2], 1 / strength, strength),
+      "brightness": resample.between(u[:, 0], -FREPO_COLOR, FREPO_COLOR),
+      "contrast": resample.log_between(u[:, 1], 1 / strength, strength),
+      "saturation": resample.log_between(u[:, 2], 1 / strength, strength),
   }
 
 
 def _frepo_apply_color(x: jax.Array, p: Params) -> jax.Array:
-  x = x + _per_image(p["brightness"])
+  x = x + resample.per_image(p["brightness"])
   mean = x.mean(axis=(1, 2, 3), keepdims=True)
-  x = (x - mean) * _per_image(p["contrast"]) + mean
+  x = (x - mean) * resample.per_image(p["contrast"]) + mean
   mean = x.mean(axis=3, keepdims=True)
-  return (x - mean) * _per_image(p["saturation"]) + mean
+  return (x - mean) * resample.per_image(p["saturation"]) + mean
 
 
 def _frepo_sample_flip(u: jax.Array) -> Params:
@@ -315,7 +222,7 @@ def _frepo_sample_flip(u: jax.Array) -> Params:
 
 
 def _frepo_sample_crop(u: jax.Array) -> Params:
-  return {"zoom": _log_between(u[:, 0], *FREPO_ZOOM_RANGE), "shift": _between(u[:, 1:], -1.0, 1.0)}
+  return {"zoom": resample.log_between(u[:, 0], *FREPO_ZOOM_RANGE), "shift": resample.between(u[:, 1:], -1.0, 1.0)}
 
 
 def _frepo_apply_crop(x: jax.Array, p: Params) -> jax.Array:
@@ -323,35 +230,35 @@ def _frepo_apply_crop(x: jax.Array, p: Params) -> jax.Array:
   zoom = p["zoom"]
   centre = p["shift"] * jnp.abs(sizes * zoom[:, None] - sizes) / 2
   matrix = jnp.eye(2)[None] / zoom[:, None, None]
-  return _centred_affine(x, matrix, centre / zoom[:, None], "edge")
+  return resample.centred_affine(x, matrix, centre / zoom[:, None], "edge")
 
 
 def _frepo_sample_rotate(u: jax.Array) -> Params:
   limit = math.radians(FREPO_ROTATE)
-  return {"angle": _between(u[:, 0], -limit, limit)}
+  return {"angle": resample.between(u[:, 0], -limit, limit)}
 
 
 def _frepo_apply_rotate(x: jax.Array, p: Params) -> jax.Array:
   cos, sin = jnp.cos(p["angle"]), jnp.sin(p["angle"])
   matrix = jnp.stack([jnp.stack([cos, sin], -1), jnp.stack([-sin, cos], -1)], 1)
-  return _centred_affine(x, matrix, jnp.zeros((x.shape[0], 2)), "edge")
+  return resample.centred_affine(x, matrix, jnp.zeros((x.shape[0], 2)), "edge")
 
 
 def _frepo_sample_translate(u: jax.Array) -> Params:
-  return {"shift": _between(u, -1.0, 1.0)}
+  return {"shift": resample.between(u, -1.0, 1.0)}
 
 
 def _frepo_apply_translate(x: jax.Array, p: Params) -> jax.Array:
   limits = jnp.array(x.shape[1:3], jnp.float32) * FREPO_TRANSLATE
   matrix = jnp.broadcast_to(jnp.eye(2), (x.shape[0], 2, 2))
-  return _centred_affine(x, matrix, -p["shift"] * limits, "edge")
+  return resample.centred_affine(x, matrix, -p["shift"] * limits, "edge")
 
 
 def _frepo_apply_cutout(x: jax.Array, p: Params) -> jax.Array:
   _, height, width, _ = x.shape
   size_h, size_w = height // FREPO_CUTOUT_DIVISOR, width // FREPO_CUTOUT_DIVISOR
-  top = _uniform_int(p["u"][:, 0], height - size_h + 1)
-  left = _uniform_int(p["u"][:, 1], width - size_w + 1)
+  top = resample.uniform_int(p["u"][:, 0], height - size_h + 1)
+  left = resample.uniform_int(p["u"][:, 1], width - size_w + 1)
   rows, cols = jnp.arange(height), jnp.arange(width)
   in_rows = (rows >= top[:, None]) & (rows < top[:, None] + size_h)
   in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size_w)
@@ -416,7 +323,7 @@ def _sample_core(
       table[name].sample(per_image[:, bounds[i]:bounds[i + 1]]) for i, name in enumerate(names)
   )
   if mode == "single" and names:
-    op_index = _uniform_int(draws[-1], len(names))
+    op_index = resample.uniform_int(draws[-1], len(names))
   else:
     op_index = jnp.array(-1, jnp.int32)
   return AugParams(op_index, ops, family, "_".join(names), mode)
@@ -557,152 +464,3 @@ def frepo_augment(key: jax.Array, x: jax.Array, *, strategy: str | None = None) 
   """
   strategy = strategy or frepo_default_strategy(x.shape[-1])
   return frepo_apply(x, frepo_params(key, x.shape[0], strategy=strategy))
-
-
-# ----------------------------------------------------------------------------------------------
-# Random-resized-crop + horizontal flip.
-
-
-def rrc_params(
-    key: jax.Array,
-    n: int,
-    *,
-    image_shape: Sequence[int],
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_prob: float = 0.5,
-) -> Params:
-  """Draws torchvision `RandomResizedCrop` boxes and `RandomHorizontalFlip` decisions.
-
-  Ten attempts per image run in parallel: area `H*W*U(scale)`, aspect `exp(U(log ratio))`,
-  `w = round(sqrt(area*aspect))`, `h = round(sqrt(area/aspect))` (half to even, like Python's
-  `round`), top-left corner uniform; the first attempt that fits is kept, else torchvision's
-  fallback (the whole image, or a centred crop clamped to the ratio range).
-
-  Args:
-    key: a PRNG key.
-    n: number of images.
-    image_shape: `(H, W)` or `(H, W, C)` of the source images (static).
-    scale: range of the crop area as a fraction of the image area.
-    ratio: range of the crop aspect ratio w/h.
-    flip_prob: probability of a horizontal flip after the crop.
-
-  Returns:
-    `{"top", "left", "height", "width"}` int32 `(n,)` and `"flip"` bool `(n,)`.
-
-  >>> p = rrc_params(jax.random.key(0), 4, image_shape=(32, 32, 3))
-  >>> bool(jnp.all((p["top"] + p["height"] <= 32) & (p["left"] + p["width"] <= 32)))
-  True
-  """
-  height, width = int(image_shape[0]), int(image_shape[1])
-  if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-    raise ValueError(
-        f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}"
-    )
-  if not isinstance(n, (int, np.integer)) or n < 1:
-    raise ValueError(f"n must be a positive int, got {n!r}")
-  return _rrc_params_core(
-      key, int(n), height, width, tuple(map(float, scale)), tuple(map(float, ratio)),
-      float(flip_prob),
-  )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("n", "height", "width", "scale", "ratio", "flip_prob")
-)
-def _rrc_params_core(
-    key: jax.Array, n: int, height: int, width: int, scale: tuple[float, float],
-    ratio: tuple[float, float], flip_prob: float,
-) -> Params:
-  attempts = 10
-  u = jax.random.uniform(key, (n, 4 * attempts + 1))
-  u_area, u_ratio, u_top, u_left = jnp.split(u[:, :-1], 4, axis=1)
-  area = height * width * _between(u_area, *scale)
-  aspect = jnp.exp(_between(u_ratio, math.log(ratio[0]), math.log(ratio[1])))
-  w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
-  h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  top = _uniform_int(u_top, jnp.maximum(height - h + 1, 1))
-  left = _uniform_int(u_left, jnp.maximum(width - w + 1, 1))
-  first = jnp.argmax(fits, axis=1)
-  any_fits = jnp.any(fits, axis=1)
-
-  # torchvision's fallback after 10 failures.
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fb_w, fb_h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    fb_h, fb_w = height, int(round(height * max(ratio)))
-  else:
-    fb_w, fb_h = width, height
-  fb_top, fb_left = (height - fb_h) // 2, (width - fb_w) // 2
-
-  def pick(values, fallback):
-    chosen = jnp.take_along_axis(values, first[:, None], axis=1)[:, 0]
-    return jnp.where(any_fits, chosen, fallback).astype(jnp.int32)
-
-  return {
-      "top": pick(top, fb_top),
-      "left": pick(left, fb_left),
-      "height": pick(h, fb_h),
-      "width": pick(w, fb_w),
-      "flip": u[:, -1] < flip_prob,
-  }
-
-
-def _box_weights(start: jax.Array, length: jax.Array, in_size: int, out_size: int) -> jax.Array:
-  """PIL's antialiased bilinear weights `(B, out_size, in_size)` for the box [start, start+length).
-
-  Output pixel o covers box coordinates centred at `start + (o + 0.5) * length / out_size`;
-  input pixel k (centre k + 0.5) gets the triangle weight `max(0, 1 - |k + 0.5 - centre| / s)`
-  with `s = max(length / out_size, 1)`, restricted to the box and normalised to sum 1.
-  """
-  length = length.astype(jnp.float32)
-  step = length / out_size
-  support = jnp.maximum(step, 1.0)
-  centre = start[:, None] + (jnp.arange(out_size) + 0.5)[None, :] * step[:, None]
-  pixel = jnp.arange(in_size, dtype=jnp.float32) + 0.5
-  distance = jnp.abs(pixel[None, None, :] - centre[:, :, None]) / support[:, None, None]
-  weight = jnp.maximum(0.0, 1.0 - distance)
-  inside = (pixel[None, :] > start[:, None]) & (pixel[None, :] < start[:, None] + length[:, None])
-  weight = weight * inside[:, None, :]
-  return weight / jnp.sum(weight, axis=-1, keepdims=True)
-
-
-def rrc_apply(x: jax.Array, params: Params, *, size: int | tuple[int, int]) -> jax.Array:
-  """Crops each image's recorded box, resizes it to `size`, and flips it if recorded.
-
-  Resampling is PIL's antialiased bilinear filter (torchvision `resized_crop(...,
-  antialias=True)`), computed as two per-image weight matrices, so it is differentiable in x and
-  re-applying the same `params` gives the same images.
-
-  Args:
-    x: `(B, H, W, C)` images.
-    params: from `rrc_params(key, B, image_shape=(H, W, ...))`.
-    size: output side, or `(height, width)`.
-
-  Returns:
-    `(B, size_h, size_w, C)`.
-
-  >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
-  >>> full = {"top": jnp.array([0]), "left": jnp.array([0]), "height": jnp.array([4]),
-  ...         "width": jnp.array([4]), "flip": jnp.array([False])}
-  >>> bool(jnp.allclose(rrc_apply(x, full, size=4), x))
-  True
-  """
-  out_h, out_w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-  x = jnp.asarray(x)
-  if x.ndim != 4:
-    raise ValueError(f"rrc_apply needs (B, H, W, C) images, got shape {x.shape}")
-  return _rrc_apply_core(x, params, int(out_h), int(out_w))
-
-
-@functools.partial(jax.jit, static_argnames=("out_h", "out_w"))
-def _rrc_apply_core(x: jax.Array, params: Params, out_h: int, out_w: int) -> jax.Array:
-  rows = _box_weights(params["top"], params["height"], x.shape[1], out_h)
-  cols = _box_weights(params["left"], params["width"], x.shape[2], out_w)
-  out = jnp.einsum(
-      "boh,bhwc,bpw->bopc", rows, x, cols, precision=jax.lax.Precision.HIGHEST
-  )
-  return _flip(out, params["flip"])
-

@@ -35,17 +35,15 @@ copy them before modifying them in place.
 
 import dataclasses
 import functools
-import gzip
 import hashlib
 import importlib.util
-import json
 import os
-import struct
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from distill_jax.data import files
+from distill_jax.data.files import DataNotFoundError
 from distill_jax.registry import Registry
 
 SPLITS = ("train", "test")
@@ -54,24 +52,6 @@ DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DIGITS_TEST_FRACTION = 1 / 3
 IMAGENETTE_SIZE = 128
 
-# IDX type codes (third magic byte) -> big-endian numpy dtype.
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-_TFDS_IMAGE_BATCH = 2048
-
-
-class DataNotFoundError(FileNotFoundError):
-  """The dataset's files are not on this machine; the message says how to get them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,60 +136,7 @@ def load(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# IDX files (MNIST, Fashion-MNIST).
-
-
-def read_idx(path: str) -> np.ndarray:
-  """Parses an IDX file (gzipped or raw, detected from its first bytes) into a numpy array.
-
-  The format is two zero bytes, a type code (0x08 = uint8, ...), the number of dimensions,
-  one big-endian uint32 per dimension, then the values in C order.
-
-  Args:
-    path: file path.
-
-  Returns:
-    The array with the file's shape, in native byte order.
-
-  Raises:
-    ValueError: bad magic number, unknown type code, truncated or oversized data, or a
-      corrupt gzip stream.
-  """
-  with open(path, "rb") as f:
-    raw = f.read()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-      raise ValueError(
-          f"{path}: corrupt or truncated gzip data ({e}); delete the file and fetch it again"
-      ) from e
-  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(
-        f"{path}: not an IDX file (magic bytes {raw[:4].hex() or 'missing'}, expected "
-        "00 00 <type> <ndim>); replace it with the original IDX file"
-    )
-  dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
-  header_size = 4 + 4 * ndim
-  if len(raw) < header_size:
-    raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes); fetch the file again")
-  dims = struct.unpack(f">{ndim}I", raw[4:header_size])
-  expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-  if len(raw) - header_size != expected:
-    raise ValueError(
-        f"{path}: truncated or corrupt IDX file: its header says shape {dims} "
-        f"({expected} bytes of data) but it holds {len(raw) - header_size} bytes; fetch it again"
-    )
-  array = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(dims)
-  return array.astype(dtype.newbyteorder("="))
-
-
-def _find_file(directory: str, stem: str) -> str | None:
-  for candidate in (stem, stem + ".gz"):
-    path = os.path.join(directory, candidate)
-    if os.path.isfile(path):
-      return path
-  return None
+# IDX files (MNIST, Fashion-MNIST): read by `files.py`.
 
 
 def _idx_dirs(subfolder: str, extra: Sequence[str]) -> list[str]:
@@ -220,55 +147,18 @@ def _idx_dirs(subfolder: str, extra: Sequence[str]) -> list[str]:
   return dirs + list(extra)
 
 
-def _find_idx_pair(split: str, dirs: Sequence[str]) -> tuple[str, str] | None:
-  images_stem, labels_stem = _IDX_FILES[split]
-  for directory in dirs:
-    images, labels = _find_file(directory, images_stem), _find_file(directory, labels_stem)
-    if images and labels:
-      return images, labels
-  return None
-
-
-def _file_key(path: str) -> tuple[str, int, int]:
-  stat = os.stat(path)
-  return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=8)
-def _decode_idx_pair(
-    images_key: tuple[str, int, int], labels_key: tuple[str, int, int], num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-  images, labels = read_idx(images_key[0]), read_idx(labels_key[0])
-  if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-    raise ValueError(
-        f"{images_key[0]} {images.shape} and {labels_key[0]} {labels.shape} are not a matching "
-        "(N, H, W) image file and (N,) label file; replace them with the original IDX files"
-    )
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(
-        f"{labels_key[0]}: labels outside 0..{num_classes - 1}; replace it with the original file"
-    )
-  x = (images.astype(np.float32) / np.float32(255.0))[..., None]
-  return _read_only(x), _read_only(labels.astype(np.int32))
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-  array.flags.writeable = False
-  return array
-
-
 def _load_idx_or_tfds(
     name: str, split: str, *, subfolder: str, extra_dirs: Sequence[str], num_classes: int,
     how_to_get: str,
 ) -> tuple[np.ndarray, np.ndarray]:
   dirs = _idx_dirs(subfolder, extra_dirs)
-  pair = _find_idx_pair(split, dirs)
+  pair = files.find_idx_pair(split, dirs)
   if pair is not None:
-    return _decode_idx_pair(_file_key(pair[0]), _file_key(pair[1]), num_classes)
+    return files.decode_idx_pair(files.file_key(pair[0]), files.file_key(pair[1]), num_classes)
   prepared = _find_prepared(name)
   if prepared is not None:
     return _load_prepared(name, split, prepared)
-  stems = " and ".join(s + "[.gz]" for s in _IDX_FILES[split])
+  stems = " and ".join(s + "[.gz]" for s in files.IDX_FILES[split])
   searched = ", ".join(dirs) if dirs else f"nothing (${DATA_DIR_ENV} is not set)"
   raise DataNotFoundError(
       f"{name} {split} split not found: no {stems} in {searched}, and no prepared tfds copy; "
@@ -304,138 +194,8 @@ def tfds_data_dirs() -> list[str]:
   return [d for d in dirs if d]
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-  return tuple(int(part) if part.isdigit() else -1 for part in version.split("."))
-
-
-def find_prepared_tfds(tfds_name: str, data_dirs: Sequence[str]) -> tuple[str, str] | None:
-  """Finds a prepared copy of `tfds_name` ("cifar10", "imagenette/320px-v2", ...).
-
-  A prepared copy is `<data_dir>/<tfds_name>/<version>/dataset_info.json`; the newest version
-  present wins. Only the file system is read, so this never touches the network.
-
-  Returns:
-    `(data_dir, version)` or None.
-  """
-  for data_dir in data_dirs:
-    dataset_dir = os.path.join(data_dir, tfds_name)
-    if not os.path.isdir(dataset_dir):
-      continue
-    versions = [
-        v for v in os.listdir(dataset_dir)
-        if os.path.isfile(os.path.join(dataset_dir, v, "dataset_info.json"))
-    ]
-    if versions:
-      return data_dir, max(versions, key=_version_key)
-  return None
-
-
 def _find_prepared(name: str) -> tuple[str, str] | None:
-  return find_prepared_tfds(_TFDS_NAMES[name], tfds_data_dirs())
-
-
-def _tensorflow_available() -> bool:
-  return importlib.util.find_spec("tensorflow") is not None
-
-
-@functools.lru_cache(maxsize=4)
-def read_prepared_tfds(
-    tfds_name: str, split: str, data_dir: str, version: str, image_size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-  """Reads every `(image, label)` of a prepared tfds split into numpy arrays.
-
-  Args:
-    tfds_name: tfds name with config, e.g. "cifar10" or "imagenette/320px-v2".
-    split: tfds split name ("train", "test", "validation").
-    data_dir: the tfds data directory holding the prepared copy.
-    version: the prepared version, e.g. "3.0.2".
-    image_size: None keeps the stored size (all images must share it); an int resizes the
-      shorter side to `image_size` (antialiased bilinear) and centre-crops a square.
-
-  Returns:
-    `(x, y)`: float32 `(N, H, W, C)` in [0, 1] and int32 `(N,)`, read-only, in the order the
-    data source stores the records.
-
-  Raises:
-    DataNotFoundError: the copy is in tfrecord format and TensorFlow is not installed.
-  """
-  info_path = os.path.join(data_dir, tfds_name, version, "dataset_info.json")
-  with open(info_path, encoding="utf-8") as f:
-    file_format = json.load(f).get("fileFormat", "tfrecord")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  if file_format == "array_record":
-    source = tfds.data_source(
-        f"{tfds_name}:{version}", split=split, data_dir=data_dir, download=False
-    )
-    num = len(source)
-    x, y = None, np.empty((num,), np.int32)
-    for start in range(0, num, _TFDS_IMAGE_BATCH):
-      records = source.__getitems__(list(range(start, min(start + _TFDS_IMAGE_BATCH, num))))
-      images = np.stack([_to_image(r["image"], image_size) for r in records])
-      if x is None:
-        # Filled chunk by chunk, so the peak memory is the float32 result itself.
-        x = np.empty((num,) + images.shape[1:], np.float32)
-      x[start:start + len(records)] = images.astype(np.float32) / np.float32(255.0)
-      y[start:start + len(records)] = [int(r["label"]) for r in records]
-  elif _tensorflow_available():
-    dataset = tfds.load(
-        f"{tfds_name}:{version}", split=split, data_dir=data_dir, download=False,
-        as_supervised=True,
-    )
-    images, labels = [], []
-    for image, label in tfds.as_numpy(dataset):
-      images.append(_to_image(image, image_size))
-      labels.append(int(label))
-    x = np.stack(images).astype(np.float32) / np.float32(255.0)
-    y = np.asarray(labels, np.int32)
-  else:
-    raise DataNotFoundError(
-        f"{tfds_name} in {data_dir} is prepared in {file_format!r} format, which needs "
-        "TensorFlow to read: `pip install tensorflow-cpu`, or prepare it again with "
-        "distill_jax.data.prepare (array_record format, readable without TensorFlow)"
-    )
-  if x is None:
-    raise ValueError(f"{tfds_name} {split} in {data_dir} is empty; prepare it again")
-  return _read_only(x), _read_only(y)
-
-
-def _to_image(image: np.ndarray, size: int | None) -> np.ndarray:
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = image[..., None]
-  if size is None:
-    return image
-  return resize_shorter_and_center_crop(image, size)
-
-
-def resize_shorter_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes the shorter side to `size` and crops the central `size x size` square.
-
-  torchvision's `Resize(size)` + `CenterCrop(size)` on a PIL image (MTT's ImageNet subsets):
-  antialiased bilinear resampling (PIL), the longer side rounded down as torchvision does
-  (`int(size * long / short)`), and a crop offset of `round((long - size) / 2)`.
-
-  Args:
-    image: uint8 `(H, W, C)` with C in {1, 3}.
-    size: output side length.
-
-  Returns:
-    uint8 `(size, size, C)`.
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  height, width, channels = image.shape
-  if height <= width:
-    new_h, new_w = size, int(size * width / height)
-  else:
-    new_h, new_w = int(size * height / width), size
-  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-  resized = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR))
-  if resized.ndim == 2:
-    resized = resized[..., None]
-  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-  return resized[top:top + size, left:left + size]
+  return files.find_prepared_tfds(_TFDS_NAMES[name], tfds_data_dirs())
 
 
 def _load_prepared(
@@ -443,7 +203,7 @@ def _load_prepared(
 ) -> tuple[np.ndarray, np.ndarray]:
   tfds_split = _TFDS_SPLITS.get(name, {}).get(split, split)
   image_size = IMAGENETTE_SIZE if name == "imagenette" else None
-  return read_prepared_tfds(_TFDS_NAMES[name], tfds_split, prepared[0], prepared[1], image_size)
+  return files.read_prepared_tfds(_TFDS_NAMES[name], tfds_split, prepared[0], prepared[1], image_size)
 
 
 def _not_prepared_message(name: str) -> str:
@@ -485,7 +245,7 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
     raise ValueError(
         f"{name!r} is not a tfds dataset; prepare() handles {', '.join(sorted(_TFDS_NAMES))}"
     )
-  if not _tensorflow_available():
+  if not files.tensorflow_available():
     raise DataNotFoundError(
         f"preparing {name} needs TensorFlow: `pip install tensorflow-cpu` (or the extra "
         "`pip install distill_jax[tf]`), then call prepare again"
@@ -514,8 +274,8 @@ def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
       x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=0
   )
   return {
-      "train": (_read_only(x_train), _read_only(y_train)),
-      "test": (_read_only(x_test), _read_only(y_test)),
+      "train": (files.read_only(x_train), files.read_only(y_train)),
+      "test": (files.read_only(x_test), files.read_only(y_test)),
   }
 
 
@@ -535,71 +295,11 @@ def _tiny_imagenet_root() -> str | None:
   return None
 
 
-def read_image_folder_tiny_imagenet(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a `tiny-imagenet-200` folder split into numpy arrays.
-
-  Layout: `wnids.txt` (one WordNet id per class), `train/<wnid>/images/*.JPEG` and
-  `val/images/*.JPEG` with `val/val_annotations.txt` (`file<TAB>wnid<TAB>...`). Class ids
-  follow the sorted WordNet ids (torchvision `ImageFolder` order, as MTT uses); grey images are
-  converted to RGB; files are read in sorted order.
-
-  Args:
-    root: the folder holding `wnids.txt`.
-    split: "train" or "test" (the labelled `val/` images).
-
-  Returns:
-    `(x, y)`: float32 `(N, 64, 64, 3)` in [0, 1] and int32 `(N,)`, read-only.
-  """
-  return _read_tiny_imagenet(_file_key(os.path.join(root, "wnids.txt")), split)
-
-
-@functools.lru_cache(maxsize=2)
-def _read_tiny_imagenet(
-    wnids_key: tuple[str, int, int], split: str
-) -> tuple[np.ndarray, np.ndarray]:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  root = os.path.dirname(wnids_key[0])
-  wnids = _read_wnids(root)
-  class_ids = {w: i for i, w in enumerate(wnids)}
-  paths, labels = [], []
-  if split == "train":
-    for wnid in wnids:
-      image_dir = os.path.join(root, "train", wnid, "images")
-      for fname in sorted(os.listdir(image_dir)):
-        paths.append(os.path.join(image_dir, fname))
-        labels.append(class_ids[wnid])
-  else:
-    with open(os.path.join(root, "val", "val_annotations.txt"), encoding="utf-8") as f:
-      rows = sorted(line.split("\t")[:2] for line in f if line.strip())
-    for fname, wnid in rows:
-      if wnid not in class_ids:
-        raise ValueError(
-            f"{root}/val/val_annotations.txt names {wnid!r}, which is not in wnids.txt; "
-            "the folder is not a complete tiny-imagenet-200"
-        )
-      paths.append(os.path.join(root, "val", "images", fname))
-      labels.append(class_ids[wnid])
-  x = np.empty((len(paths), 64, 64, 3), np.float32)
-  for i, path in enumerate(paths):
-    with Image.open(path) as image:
-      array = np.asarray(image.convert("RGB"))
-    if array.shape != (64, 64, 3):
-      raise ValueError(f"{path} is {array.shape[:2]}, not 64x64; this is not Tiny-ImageNet")
-    x[i] = array.astype(np.float32) / np.float32(255.0)
-  return _read_only(x), _read_only(np.asarray(labels, np.int32))
-
-
-def _read_wnids(root: str) -> list[str]:
-  with open(os.path.join(root, "wnids.txt"), encoding="utf-8") as f:
-    return sorted(line.strip() for line in f if line.strip())
-
-
 def _tiny_imagenet_info() -> DatasetInfo:
   root = _tiny_imagenet_root()
   names = tuple(f"class_{i:03d}" for i in range(200))
   if root is not None:
-    wnids = _read_wnids(root)
+    wnids = files.read_wnids(root)
     words = {}
     words_path = os.path.join(root, "words.txt")
     if os.path.isfile(words_path):
@@ -620,7 +320,7 @@ def _load_tiny_imagenet(split: str) -> tuple[np.ndarray, np.ndarray]:
         "http://cs231n.stanford.edu/tiny-imagenet-200.zip, unzip it and set "
         f"{DATA_DIR_ENV} to the folder holding tiny-imagenet-200/"
     )
-  return read_image_folder_tiny_imagenet(root, split)
+  return files.read_tiny_imagenet_folder(root, split)
 
 
 # ----------------------------------------------------------------------------------------------

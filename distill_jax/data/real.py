@@ -70,7 +70,8 @@ class RealData:
       object.__setattr__(self, "fingerprint", datasets.fingerprint(self.x_train, self.y_train))
 
   def replace(self, **changes: Any) -> "RealData":
-    """A copy with fields replaced; new training arrays derive a new fingerprint.
+    """A copy with fields replaced; training arrays that differ from the current ones (in dtype,
+    shape or any bit) derive a new fingerprint, unchanged ones keep it.
 
     The new fingerprint hashes the old one with the new arrays, so data derived the same way
     from the same source gets the same fingerprint and anything else a different one.
@@ -80,7 +81,8 @@ class RealData:
     """
     if "fingerprint" in changes:
       raise ValueError("RealData.fingerprint is derived from the data; do not pass it to replace()")
-    if any(name in changes for name in _TRAINING_FIELDS):
+    if any(name in changes and not _same_bits(changes[name], getattr(self, name))
+           for name in _TRAINING_FIELDS):
       merged = {name: changes.get(name, getattr(self, name)) for name in _TRAINING_FIELDS}
       digest = hashlib.sha256(
           (self.fingerprint + datasets.fingerprint(merged["x_train"], merged["y_train"])).encode()
@@ -123,6 +125,15 @@ class RealData:
         ),
         label_kind=label_kind,
     )
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+  """Whether two arrays have the same dtype, shape and bytes (what `fingerprint` digests)."""
+  if a is b:
+    return True
+  a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+  return (a.dtype == b.dtype and a.shape == b.shape
+          and np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
 
 
 def load_real(name: str, preprocessing: str) -> RealData:

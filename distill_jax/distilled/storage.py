@@ -54,7 +54,8 @@ def ipc_equivalent(distilled_set: DistilledSet) -> float:
 
   >>> import numpy as np
   >>> from distill_jax.distilled import PixelSet, SetMeta
-  >>> meta = SetMeta(method="frepo", dataset="digits", ipc=2, num_classes=10, image_shape=(8, 8, 1))
+  >>> meta = SetMeta(method="frepo", dataset="digits", ipc=2, num_classes=10, image_shape=(8, 8, 1),
+  ...                label_kind="learned")
   >>> s = PixelSet(np.zeros((20, 8, 8, 1), np.float32), np.zeros((20, 10), np.float32), meta=meta)
   >>> ipc_equivalent(s)  # 2 IPC of images + 20 * 10 soft-label values
   2.3125

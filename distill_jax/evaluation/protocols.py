@@ -216,23 +216,8 @@ def _standard() -> Protocol:
   # cross-entropy for probability labels and for real-valued learned labels (targets
   # softmax(y / 1), FRePo's "softxent") -- not MSE, the loss of FRePo alone. The learned lr of
   # MTT-style sets is NOT used (a fixed lr is part of "the same for everyone").
-  return Protocol(
-      name="standard",
-      model="convnet",
-      model_kwargs={"depth": 3, "width": 128, "norm": "instance", "pooling": "avg"},
-      optimizer="sgd",
-      lr=0.01,
-      momentum=0.9,
-      weight_decay=5e-4,
-      schedule="cosine",
-      epochs=300,
-      batch_size=256,
-      loss="ce",
-      temperature=1.0,
-      augmentation="dsa",
-      aug_strategy="color_crop_cutout_flip_scale_rotate",
-      aug_mode="single",
-      test_batch_size=500,
+  return dataclasses.replace(
+      _dsa(), name="standard", schedule="cosine", epochs=300,
       source="distill_jax standard protocol (MTT's recipe, 300 epochs, cosine)",
   )
 

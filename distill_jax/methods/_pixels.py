@@ -12,8 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from distill_jax import data as data_lib
+from distill_jax import models
 from distill_jax.data import augment
 
 Array = jax.Array
@@ -25,6 +27,25 @@ LOOPS = ("auto", "scan", "unrolled")
 def check_init(init: str) -> None:
   if init not in INITS:
     raise ValueError(f"unknown config.init {init!r}; use one of {', '.join(INITS)}")
+
+
+def random_network(config, data):
+  """The DC/DM network (`config.pool`) and the images' SGD-momentum optimiser (`config.outer`),
+  after the checks both methods share (init, real batch, a network without running statistics).
+
+  DC/DM here train networks without running statistics (instance norm, the released default);
+  the released ConvNetBN branch (statistics frozen from a real batch) is not built.
+  """
+  check_init(config.init)
+  check_real_batch(config, data)
+  model = models.get_model(config.pool.model, num_classes=data.num_classes,
+                           **dict(config.pool.model_kwargs))
+  if getattr(model, "norm", None) == "batch":
+    raise ValueError(
+        "pool.model_kwargs.norm='batch' is not supported by DC/DM here (the released "
+        "ConvNetBN branch freezes statistics from a real batch); use 'instance' (the default)"
+    )
+  return model, optax.sgd(config.outer.lr, momentum=config.outer.momentum or None)
 
 
 def initial_images(data, *, ipc: int, seed: int, init: str, key: Array) -> Array:
@@ -89,6 +110,18 @@ def resolve_loop(name: str, *, remat: bool = False) -> str:
         "straight-line code and saves no memory"
     )
   return name
+
+
+def check_real_batch(config, data) -> None:
+  """One-line error unless every class of `data` gives `config.outer.real_batch_size` distinct
+  real images (DC/DM draw a whole batch of every class each step)."""
+  positive_int(config, "outer.real_batch_size")
+  smallest = int(data.class_counts().min())
+  if config.outer.real_batch_size > smallest:
+    raise ValueError(
+        f"config.outer.real_batch_size={config.outer.real_batch_size} exceeds the {smallest} "
+        f"training images of the smallest class of {data.name}; set it to at most {smallest}"
+    )
 
 
 def positive_int(config, name: str, *, zero_means: str | None = None) -> None:

@@ -22,10 +22,12 @@ docs/adding_a_method.md walks through DM as the example.
 """
 
 import abc
+import functools
 import importlib
 import pkgutil
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
 import ml_collections
 
 from distill_jax.registry import Registry, UnknownNameError
@@ -59,6 +61,13 @@ class DistillMethod(abc.ABC):
   def num_steps(self) -> int:
     """Steps of a whole run (default `config.num_steps`; DC counts matching updates)."""
     return int(self.config.num_steps)
+
+  @functools.cached_property
+  def device_train_set(self) -> tuple[Any, Any]:
+    """`(x_train, y_train)` of the real data on the device, placed once: the `inputs` of
+    methods whose step samples its real batches itself (the same arrays every step, no copy)."""
+    return (jnp.asarray(self.data.x_train, jnp.float32),
+            jnp.asarray(self.data.y_train, jnp.int32))
 
   def prepare(self) -> None:
     """Long host-side work needed before the first step (default: none)."""

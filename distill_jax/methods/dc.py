@@ -31,11 +31,9 @@ import numpy as np
 import optax
 
 from distill_jax import distilled as distilled_lib
-from distill_jax import models
 from distill_jax.data import augment
 from distill_jax.methods import _pixels
 from distill_jax.methods.base import DistillMethod, register_method
-from distill_jax.methods.dm import check_network
 from distill_jax.objectives import gradient_matching_loss
 from distill_jax.training import epoch_batch
 
@@ -85,21 +83,14 @@ class DC(DistillMethod):
 
   def __init__(self, config: ml_collections.ConfigDict, data):
     super().__init__(config, data)
-    _pixels.check_init(config.init)
-    for name in ("outer.real_batch_size", "inner.batch_size"):
-      _pixels.positive_int(config, name)
+    _pixels.positive_int(config, "inner.batch_size")
     for name in ("outer.loops", "inner.epochs"):
       _pixels.positive_int(config, name, zero_means="the released table")
-    data.check_ipc(config.outer.real_batch_size)  # Every class must give a whole real batch.
+    self.model, self.tx = _pixels.random_network(config, data)
     self.outer_loop, self.inner_loop = loops_for(config)
-    self.model = models.get_model(config.pool.model, num_classes=data.num_classes,
-                                  **dict(config.pool.model_kwargs))
-    check_network(self.model)
-    self.tx = optax.sgd(config.outer.lr, momentum=config.outer.momentum or None)
     self.net_tx = optax.sgd(config.inner.lr)  # main.py: SGD(net.parameters(), lr=args.lr_net).
     self.unroll = _pixels.resolve_loop(config.inner.loop) == "unrolled"
     self.y_syn = _pixels.initial_labels(data.num_classes, config.ipc)
-    self._train = None
 
   @property
   def num_steps(self) -> int:
@@ -118,10 +109,7 @@ class DC(DistillMethod):
   def inputs(self, step: int) -> tuple[Array, Array]:
     """The real training set on the device (the step draws its class batches from it)."""
     del step
-    if self._train is None:
-      self._train = (jnp.asarray(self.data.x_train, jnp.float32),
-                     jnp.asarray(self.data.y_train, jnp.int32))
-    return self._train
+    return self.device_train_set
 
   def cross_entropy(self, params: PyTree, x: Array, label: int | Array) -> Array:
     """Mean cross-entropy of the network on `x` (B, H, W, ch) against class id(s) `label`."""

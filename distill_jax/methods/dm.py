@@ -24,7 +24,6 @@ import numpy as np
 import optax
 
 from distill_jax import distilled as distilled_lib
-from distill_jax import models
 from distill_jax.methods import _pixels
 from distill_jax.methods.base import DistillMethod, register_method
 from distill_jax.objectives import mean_embedding_loss
@@ -47,16 +46,6 @@ class DMState:
   key: Array
 
 
-def check_network(model) -> None:
-  """DC/DM here train networks without running statistics (instance norm, the released
-  default); the released ConvNetBN branch (statistics frozen from a real batch) is not built."""
-  if getattr(model, "norm", None) == "batch":
-    raise ValueError(
-        "pool.model_kwargs.norm='batch' is not supported by DC/DM here (the released "
-        "ConvNetBN branch freezes statistics from a real batch); use 'instance' (the default)"
-    )
-
-
 @register_method("dm")
 class DM(DistillMethod):
   """Distribution matching with random networks (see the module docstring).
@@ -68,14 +57,7 @@ class DM(DistillMethod):
 
   def __init__(self, config: ml_collections.ConfigDict, data):
     super().__init__(config, data)
-    _pixels.check_init(config.init)
-    _pixels.positive_int(config, "outer.real_batch_size")
-    data.check_ipc(config.outer.real_batch_size)  # Every class must give a whole real batch.
-    self.model = models.get_model(config.pool.model, num_classes=data.num_classes,
-                                  **dict(config.pool.model_kwargs))
-    check_network(self.model)
-    self.tx = optax.sgd(config.outer.lr, momentum=config.outer.momentum or None)
-    self._train = None  # The real training arrays on the device, placed on first use.
+    self.model, self.tx = _pixels.random_network(config, data)
 
   def init(self, key: Array) -> DMState:
     init_key, run_key = jax.random.split(key)
@@ -86,10 +68,7 @@ class DM(DistillMethod):
   def inputs(self, step: int) -> tuple[Array, Array]:
     """The real training set on the device (the step draws its class batches from it)."""
     del step
-    if self._train is None:
-      self._train = (jnp.asarray(self.data.x_train, jnp.float32),
-                     jnp.asarray(self.data.y_train, jnp.int32))
-    return self._train
+    return self.device_train_set
 
   def loss(self, x_syn: Array, x_real: Array, params, key: Array) -> Array:
     """`sum_c ||mean embed(x_real_c) - mean embed(x_syn_c)||^2` under Siamese DSA per class.

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
@@ -262,7 +261,6 @@ class FRePo(DistillMethod):
         config.outer.lr, decay_steps=config.num_steps, alpha=config.outer.final_lr_fraction
     )
     self.outer_tx = OUTER_OPTIMIZERS[config.outer.optimizer](learning_rate=self.learning_rate)
-    self._train = None  # The real training arrays on the device, placed on first use.
 
   def init(self, key: Array) -> FRePoState:
     """Step 0 from `ipc` real images per class drawn with `config.seed` (paper A.1
@@ -288,10 +286,7 @@ class FRePo(DistillMethod):
   def inputs(self, step: int) -> tuple[Array, Array]:
     """The real training set on the device (the step samples its batch from it)."""
     del step
-    if self._train is None:
-      self._train = (jnp.asarray(self.data.x_train, jnp.float32),
-                     jnp.asarray(self.data.y_train, jnp.int32))
-    return self._train
+    return self.device_train_set
 
   def _online_update(self, member, x_syn, y_syn, batch_key, reset_key):
     """Algorithm 1 lines 6-7 on (a subsample of) the current distilled set."""

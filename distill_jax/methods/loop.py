@@ -13,9 +13,11 @@
    flight while the host checks), log every `config.log_every` steps (metrics.jsonl,
    TensorBoard, a progress line with steps/s and ETA that leave the compilation out), and
    checkpoint every `config.checkpoint_every` steps and at the end. A checkpoint is only written
-   after its step's watched metrics were found finite, so a diverged run stops with
-   `DivergenceError` and the last checkpoint holds the last good state. `Checkpointer.save`
-   copies the state to host memory before it returns, so the next (donating) step needs no wait.
+   after its step's watched metrics and the state itself were found finite (a step's metrics
+   describe the state before its update, so they can be finite while the update is not), so a
+   diverged run stops with `DivergenceError` and the last checkpoint holds the last good state.
+   `Checkpointer.save` copies the state to host memory before it returns, so the next
+   (donating) step needs no wait.
 5. return the set (`method.result(state)`) with the run's seconds: the wall-clock time of every
    segment of the run (a killed run's time up to its last checkpoint, then the resumed one's),
    kept inside the checkpoints so that it is exact across restarts.
@@ -31,6 +33,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -58,6 +61,30 @@ def check_finite(method: DistillMethod, step: int, metrics: dict[str, Any],
         f"{method.name} diverged at step {step} ({shown}); {method.divergence_hint()}; {kept}"
     )
   return host
+
+
+@jax.jit
+def _is_finite(state) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state)
+           if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def check_state_finite(method: DistillMethod, step: int, state, last_checkpoint: int | None
+                       ) -> None:
+  """Raises `DivergenceError` if a floating-point leaf of `state` holds NaN or inf.
+
+  The metrics of step s (its loss) are computed from the state before the step, so a step whose
+  update diverges still reports finite metrics; this check keeps such a state out of the
+  checkpoints.
+  """
+  if not bool(_is_finite(state)):
+    kept = ("no checkpoint was written yet" if last_checkpoint is None
+            else f"the checkpoint of step {last_checkpoint} holds the last finite state")
+    raise DivergenceError(
+        f"{method.name} diverged at step {step} (its state holds NaN or inf values); "
+        f"{method.divergence_hint()}; {kept}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +180,7 @@ def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *,
         progress.log(step, **{name: host[name] for name in method.watched})
       if step % config.checkpoint_every == 0 or is_last:
         check_finite(method, step, metrics, last_checkpoint)  # Never save a diverged state.
+        check_state_finite(method, step, state, last_checkpoint)
         checkpointer.save(step, {"state": state, "seconds": np.asarray(seconds(), np.float64)})
         last_checkpoint = step
       if future is not None:

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib

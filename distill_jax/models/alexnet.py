@@ -19,7 +19,7 @@ def conv_widths(width: int) -> tuple[int, ...]:
 
 
 @common.MODELS.register("alexnet")
-class AlexNet(nn.Module):
+class AlexNet(common.Classifier):
   """DC's AlexNet: 5 convs (widths 1, 1.5, 2, 1.5, 1.5 x `width`), 3 max-pools, one Dense.
 
   1-channel inputs pad the first conv by 4 (`pad_grayscale`), so 28x28 images give the 4x4
@@ -43,35 +43,14 @@ class AlexNet(nn.Module):
   bn_momentum: float = 0.9
 
   def __post_init__(self) -> None:
-    common.check_positive(self.num_classes, "num_classes")
-    common.check_positive(self.width, "width")
-    common.check_choice(self.norm, common.NORMS, "norm")
-    common.check_choice(self.init_scheme, common.INITS, "init_scheme")
-    common.check_momentum(self.bn_momentum)
-    widths = conv_widths(self.width)
-    if self.norm == "group" and any(w % common.GROUP_NORM_GROUPS for w in widths):
-      raise ValueError(
-          f"norm='group' splits channels into {common.GROUP_NORM_GROUPS} groups; use a width "
-          f"divisible by {2 * common.GROUP_NORM_GROUPS}, got {self.width}"
-      )
+    common.check_settings(self, widths=conv_widths(self.width))
     super().__post_init__()
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, return_features: bool = False
-  ) -> jax.Array | tuple[jax.Array, dict]:
-    """Logits of a batch of images.
-
-    Args:
-      x: (B, H, W, C) float images, at least 28x28 (1 channel) or 32x32.
-      train: batch norm uses batch statistics and updates "batch_stats" (pass
-        `mutable=["batch_stats"]` to `apply`); no effect for other norms.
-      return_features: also return the features below.
-
-    Returns:
-      logits (B, num_classes); with `return_features`, `(logits, features)` where
-      features["penultimate"] is the flattened last map (B, 16 * 1.5 * width for 32x32 inputs)
-      and features["blocks"] holds the 5 conv outputs before their norms.
+  def forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """`(logits, penultimate, blocks)` of images `x`: (B, H, W, C) float images, at least 28x28 (1
+    channel) or 32x32. `penultimate` is the flattened last map (B, 16 * 1.5 * width for 32x32
+    inputs); `blocks` holds the 5 conv outputs before their norms.
     """
     common.check_images(x, "alexnet")
     kernel_sizes = (5, 5, 3, 3, 3)
@@ -89,6 +68,4 @@ class AlexNet(nn.Module):
         x = common.pool2x2(x, "max", model="alexnet")
     penultimate = x.reshape((x.shape[0], -1))
     logits = common.dense(penultimate, self.num_classes, init_scheme=self.init_scheme)
-    if return_features:
-      return logits, {"penultimate": penultimate, "blocks": tuple(conv_outputs)}
-    return logits
+    return logits, penultimate, conv_outputs

@@ -59,6 +59,41 @@ def check_momentum(value: float) -> None:
     )
 
 
+def check_settings(model: nn.Module, *, widths: tuple[int, ...] = (),
+                   norms: tuple[str, ...] = NORMS) -> None:
+  """The checks every convolutional model runs in `__post_init__`: positive `num_classes` and
+  `width`, a known `norm` (from `norms`) and `init_scheme`, a batch-norm momentum in [0, 1), and
+  group norm's channel split for every layer width in `widths`."""
+  check_positive(model.num_classes, "num_classes")
+  check_positive(model.width, "width")
+  check_choice(model.norm, norms, "norm")
+  check_choice(model.init_scheme, INITS, "init_scheme")
+  check_momentum(model.bn_momentum)
+  if model.norm == "group" and any(w % GROUP_NORM_GROUPS for w in widths):
+    raise ValueError(
+        f"norm='group' splits channels into {GROUP_NORM_GROUPS} groups; use a width whose "
+        f"layers ({', '.join(map(str, widths))} channels) divide by {GROUP_NORM_GROUPS}, got "
+        f"width={model.width}"
+    )
+
+
+class Classifier(nn.Module):
+  """Base of every model: the call convention of the package docstring around `forward`.
+
+  A model implements `forward(x, train) -> (logits (B, C), penultimate (B, D), blocks)` as its
+  compact method; `__call__` returns the logits, or with `return_features` the logits and
+  `{"penultimate": ..., "blocks": tuple(blocks)}`.
+  """
+
+  def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+    """Logits `(B, num_classes)` of images `x (B, H, W, C)`; `train` switches batch norm to
+    batch statistics (pass `mutable=["batch_stats"]`); `return_features` adds the features."""
+    logits, penultimate, blocks = self.forward(x, train)
+    if return_features:
+      return logits, {"penultimate": penultimate, "blocks": tuple(blocks)}
+    return logits
+
+
 def check_images(x: Array, model: str) -> None:
   """Raises a one-line ValueError unless `x` is a floating NHWC batch."""
   if x.ndim != 4:

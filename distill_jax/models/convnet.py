@@ -11,7 +11,7 @@ from distill_jax.models import common
 
 
 @common.MODELS.register("convnet")
-class ConvNet(nn.Module):
+class ConvNet(common.Classifier):
   """`depth` blocks of conv3x3 -> norm -> ReLU -> 2x2 pool, then one Dense on the flat map.
 
   DC/MTT's ConvNet (default): every block is conv3x3 (padding 1, bias) -> norm -> ReLU ->
@@ -52,19 +52,10 @@ class ConvNet(nn.Module):
   bn_momentum: float = 0.9
 
   def __post_init__(self) -> None:
-    common.check_positive(self.num_classes, "num_classes")
     common.check_positive(self.depth, "depth")
-    common.check_positive(self.width, "width")
-    common.check_choice(self.norm, common.NORMS, "norm")
     common.check_choice(self.pooling, common.POOLINGS, "pooling")
     common.check_choice(self.norm_position, ("after_conv", "before_conv"), "norm_position")
-    common.check_choice(self.init_scheme, common.INITS, "init_scheme")
-    common.check_momentum(self.bn_momentum)
-    if self.norm == "group" and self.width % common.GROUP_NORM_GROUPS:
-      raise ValueError(
-          f"norm='group' splits channels into {common.GROUP_NORM_GROUPS} groups; "
-          f"use a width divisible by {common.GROUP_NORM_GROUPS}, got {self.width}"
-      )
+    common.check_settings(self, widths=(self.width,))
     super().__post_init__()
 
   def block_widths(self) -> tuple[int, ...]:
@@ -74,21 +65,10 @@ class ConvNet(nn.Module):
     )
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, return_features: bool = False
-  ) -> jax.Array | tuple[jax.Array, dict]:
-    """Logits of a batch of images.
-
-    Args:
-      x: (B, H, W, C) float images.
-      train: batch norm uses batch statistics and updates "batch_stats" (pass
-        `mutable=["batch_stats"]` to `apply`); no effect for other norms.
-      return_features: also return the features below.
-
-    Returns:
-      logits (B, num_classes); with `return_features`, `(logits, features)` where
-      features["penultimate"] is the flattened last map (B, H_L * W_L * C_L) and
-      features["blocks"] has `depth` conv outputs (B, H_i, W_i, C_i) before norm and ReLU.
+  def forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """`(logits, penultimate, blocks)` of images `x`: (B, H, W, C) float images. `penultimate` is the
+    flattened last map (B, H_L * W_L * C_L); `blocks` has `depth` conv outputs (B, H_i, W_i, C_i)
+    before norm and ReLU.
     """
     common.check_images(x, "convnet")
     conv_outputs = []
@@ -104,7 +84,5 @@ class ConvNet(nn.Module):
       x = common.pool2x2(x, self.pooling, model="convnet")
     penultimate = x.reshape((x.shape[0], -1))
     logits = common.dense(penultimate, self.num_classes, init_scheme=self.init_scheme)
-    if return_features:
-      return logits, {"penultimate": penultimate, "blocks": tuple(conv_outputs)}
-    return logits
+    return logits, penultimate, conv_outputs
 

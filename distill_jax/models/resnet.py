@@ -54,7 +54,7 @@ class BasicBlock(nn.Module):
 
 
 @common.MODELS.register("resnet18")
-class ResNet18(nn.Module):
+class ResNet18(common.Classifier):
   """ResNet-18: stem, 4 stages of 2 basic blocks (width, 2, 4, 8 x width), global average pool.
 
   Convolutions have no bias (each is followed by a norm). The head is global average pooling
@@ -80,31 +80,15 @@ class ResNet18(nn.Module):
   bn_momentum: float = 0.9
 
   def __post_init__(self) -> None:
-    common.check_positive(self.num_classes, "num_classes")
-    common.check_positive(self.width, "width")
-    common.check_choice(self.norm, RESNET_NORMS, "norm")
+    common.check_settings(self, norms=RESNET_NORMS)
     common.check_choice(self.stem, STEMS, "stem")
-    common.check_choice(self.init_scheme, common.INITS, "init_scheme")
-    common.check_momentum(self.bn_momentum)
     super().__post_init__()
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, return_features: bool = False
-  ) -> jax.Array | tuple[jax.Array, dict]:
-    """Logits of a batch of images.
-
-    Args:
-      x: (B, H, W, C) float images.
-      train: batch norm uses batch statistics and updates "batch_stats" (pass
-        `mutable=["batch_stats"]` to `apply`).
-      return_features: also return the features below.
-
-    Returns:
-      logits (B, num_classes); with `return_features`, `(logits, features)` where
-      features["penultimate"] is the pooled feature (B, 8 * width) and features["blocks"] holds
-      the 17 conv outputs before their norms (stem, then two per basic block; shortcut
-      projections excluded), D3S's L = 17 layers.
+  def forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """`(logits, penultimate, blocks)` of images `x`: (B, H, W, C) float images. `penultimate` is the
+    pooled feature (B, 8 * width); `blocks` holds the 17 conv outputs before their norms (stem,
+    then two per basic block; shortcut projections excluded), D3S's L = 17 layers.
     """
     common.check_images(x, "resnet18")
     norm_kwargs = dict(train=train, bn_momentum=self.bn_momentum)
@@ -131,6 +115,4 @@ class ResNet18(nn.Module):
         conv_outputs.extend(block_convs)
     penultimate = x.mean(axis=(1, 2))
     logits = common.dense(penultimate, self.num_classes, init_scheme=self.init_scheme)
-    if return_features:
-      return logits, {"penultimate": penultimate, "blocks": tuple(conv_outputs)}
-    return logits
+    return logits, penultimate, conv_outputs

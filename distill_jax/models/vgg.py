@@ -15,7 +15,7 @@ VGG11_LAYERS = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")
 
 
 @common.MODELS.register("vgg11")
-class VGG11(nn.Module):
+class VGG11(common.Classifier):
   """VGG-11 of DC: 8 conv3x3 -> norm -> ReLU layers and 5 max-pools, then one Dense.
 
   1-channel inputs pad the first conv by 3 (`pad_grayscale`), so 28x28 images give a 1x1 last
@@ -39,34 +39,14 @@ class VGG11(nn.Module):
   bn_momentum: float = 0.9
 
   def __post_init__(self) -> None:
-    common.check_positive(self.num_classes, "num_classes")
-    common.check_positive(self.width, "width")
-    common.check_choice(self.norm, common.NORMS, "norm")
-    common.check_choice(self.init_scheme, common.INITS, "init_scheme")
-    common.check_momentum(self.bn_momentum)
-    if self.norm == "group" and self.width % common.GROUP_NORM_GROUPS:
-      raise ValueError(
-          f"norm='group' splits channels into {common.GROUP_NORM_GROUPS} groups; "
-          f"use a width divisible by {common.GROUP_NORM_GROUPS}, got {self.width}"
-      )
+    common.check_settings(self, widths=(self.width,))
     super().__post_init__()
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, return_features: bool = False
-  ) -> jax.Array | tuple[jax.Array, dict]:
-    """Logits of a batch of images.
-
-    Args:
-      x: (B, H, W, C) float images.
-      train: batch norm uses batch statistics and updates "batch_stats" (pass
-        `mutable=["batch_stats"]` to `apply`); no effect for other norms.
-      return_features: also return the features below.
-
-    Returns:
-      logits (B, num_classes); with `return_features`, `(logits, features)` where
-      features["penultimate"] is the flattened last map (B, 8 * width for 32x32 inputs) and
-      features["blocks"] holds the 8 conv outputs before their norms.
+  def forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """`(logits, penultimate, blocks)` of images `x`: (B, H, W, C) float images. `penultimate` is the
+    flattened last map (B, 8 * width for 32x32 inputs); `blocks` holds the 8 conv outputs before
+    their norms.
     """
     common.check_images(x, "vgg11")
     conv_outputs = []
@@ -81,6 +61,4 @@ class VGG11(nn.Module):
       x = nn.relu(x)
     penultimate = x.reshape((x.shape[0], -1))
     logits = common.dense(penultimate, self.num_classes, init_scheme=self.init_scheme)
-    if return_features:
-      return logits, {"penultimate": penultimate, "blocks": tuple(conv_outputs)}
-    return logits
+    return logits, penultimate, conv_outputs

@@ -48,7 +48,7 @@ class EncoderBlock(nn.Module):
 
 
 @common.MODELS.register("vit_tiny")
-class ViT(nn.Module):
+class ViT(common.Classifier):
   """Patch embedding, `depth` pre-norm encoder blocks, LayerNorm, mean token, Dense.
 
   Attributes:
@@ -85,21 +85,11 @@ class ViT(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, return_features: bool = False
-  ) -> jax.Array | tuple[jax.Array, dict]:
-    """Logits of a batch of images.
-
-    Args:
-      x: (B, H, W, C) float images, H and W multiples of `patch_size`.
-      train: accepted for the common call convention; the model has no dropout or batch norm.
-      return_features: also return the features below.
-
-    Returns:
-      logits (B, num_classes); with `return_features`, `(logits, features)` where
-      features["penultimate"] is the normalised mean token (B, dim) and features["blocks"]
-      holds the patch-embedding (conv) output and then every encoder block's output tokens,
-      each laid out on the patch grid as (B, H / patch_size, W / patch_size, dim).
+  def forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """`(logits, penultimate, blocks)` of images `x`: (B, H, W, C) float images, H and W multiples of
+    `patch_size`. `penultimate` is the normalised mean token (B, dim); `blocks` holds the patch-
+    embedding (conv) output and then every encoder block's output tokens, each laid out on the
+    patch grid as (B, H / patch_size, W / patch_size, dim).
     """
     del train  # No dropout or batch norm.
     common.check_images(x, "vit_tiny")
@@ -129,6 +119,4 @@ class ViT(nn.Module):
     tokens = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="final_norm")(tokens)
     penultimate = jnp.mean(tokens, axis=1)
     logits = nn.Dense(self.num_classes, name="head")(penultimate)
-    if return_features:
-      return logits, {"penultimate": penultimate, "blocks": tuple(block_outputs)}
-    return logits
+    return logits, penultimate, block_outputs

@@ -14,8 +14,9 @@ def label_margin_loss(y_support: jax.Array) -> jax.Array:
   the loss decreases as the margin grows (gradient `-1/n` on the top entry, `+1/n` on the
   runner-up), and rows with margin `>= 1/C` contribute the constant `-1/C` and no gradient.
   When a learned label's largest entry is its own class, the top1 - top2 margin is exactly the
-  paper's target-vs-any-other margin. (The authors' code, repository yongchao97/FRePo, was not
-  available to check the exact expression; this follows the paper and DESIGN.md.)
+  paper's target-vs-any-other margin. This is the authors' released expression
+  (yongchaoz/FRePo `lib/datadistillation/frepo.py` `lb_margin_th`: `-min(top1 - top2, 1/C)`
+  from `jax.lax.top_k`, averaged over rows in `proto_train_step`).
 
   Args:
     y_support: `(n, C)` learned labels, `C >= 2`.

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from distill_jax import models
+from distill_jax.models.common import check_choice as _check_choice
+from distill_jax.models.common import check_positive as _check_positive_int
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
@@ -256,11 +258,3 @@ class Recipe:
     return lambda y: y.astype(jnp.float32)
 
 
-def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-  if value not in choices:
-    raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
-
-
-def _check_positive_int(value: Any, what: str) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{what} must be a positive int, got {value!r}")

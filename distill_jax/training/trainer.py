@@ -20,10 +20,12 @@ epoch is filled up with wrapped-around examples of weight zero and the loss is t
 so the gradient equals PyTorch's mean over the real examples (batch norm would see the filler in
 its batch statistics). A set smaller than the batch size is used whole in every step.
 
-Keys: network i splits its key into initialisation, dropout-initialisation, shuffling,
-augmentation and dropout keys; step `t` augments with `fold_in(aug_key, t)` and epoch `e`
-shuffles with `fold_in(shuffle_key, e)`, so results depend neither on the chunk length nor on
-where a run was interrupted and resumed.
+Keys (threefry, the default implementation): network i splits its key into initialisation,
+dropout-initialisation, shuffling, augmentation and dropout keys; step `t` augments with
+`fold_in(aug_key, t)`, draws from sampling set kinds with `fold_in(aug_key, t + num_steps)`, and
+epoch `e` shuffles with `fold_in(shuffle_key, e)`, so results depend neither on the chunk length
+nor on where a run was interrupted and resumed. `train` donates the states it steps: copy a
+state handed to `on_save` before keeping it past the callback.
 """
 
 import dataclasses
@@ -217,7 +219,9 @@ class Trainer:
         steps_per_epoch=self.steps_per_epoch,
     )
     aug_key = jax.random.fold_in(state.aug_key, t)
-    x, y = training_set.draw(indices, key=jax.random.fold_in(aug_key, 1),
+    # Kinds that sample (decoders, distributions) draw with a key of their own: folding in
+    # `t + num_steps` keeps it apart from every step's augmentation key.
+    x, y = training_set.draw(indices, key=jax.random.fold_in(state.aug_key, t + self.num_steps),
                              epoch=t // self.steps_per_epoch)
     x = self.augment(aug_key, x)
     targets = self.recipe.targets_fn(self.label_kind, self.num_classes)(y)

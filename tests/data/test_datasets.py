@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from distill_jax import data
-from distill_jax.data import datasets
+from distill_jax.data import datasets, files
 from distill_jax.registry import UnknownNameError
 
 FASHION_DIR = datasets.DEBIAN_FASHION_MNIST_DIR
@@ -79,7 +79,7 @@ def test_fashion_mnist_from_data_dir(monkeypatch, tmp_path, layout):
   folder.mkdir(exist_ok=True)
   gz = layout == "root_gz"
   splits = {}
-  for split, (images_stem, labels_stem) in datasets._IDX_FILES.items():
+  for split, (images_stem, labels_stem) in files.IDX_FILES.items():
     images = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, (6,), dtype=np.uint8)
     _write_idx(str(folder / images_stem), images, gz=gz)
@@ -95,7 +95,7 @@ def test_fashion_mnist_from_data_dir(monkeypatch, tmp_path, layout):
 
 
 def test_fashion_mnist_labels_out_of_range_is_an_error(monkeypatch, tmp_path):
-  for images_stem, labels_stem in datasets._IDX_FILES.values():
+  for images_stem, labels_stem in files.IDX_FILES.values():
     _write_idx(str(tmp_path / images_stem), np.zeros((2, 28, 28), np.uint8), gz=False)
     _write_idx(str(tmp_path / labels_stem), np.array([3, 12], np.uint8), gz=False)
   monkeypatch.setenv("DISTILL_JAX_DATA_DIR", str(tmp_path))
@@ -183,7 +183,7 @@ def test_tfds_not_prepared_fails_fast_without_network(no_data_env, name):
 def test_prepare_needs_tensorflow_or_a_tfds_name(no_data_env):
   with pytest.raises(ValueError, match="not a tfds dataset"):
     data.prepare("digits")
-  if not datasets._tensorflow_available():
+  if not files.tensorflow_available():
     with pytest.raises(data.DataNotFoundError, match="needs TensorFlow"):
       data.prepare("cifar10")
 
@@ -217,15 +217,15 @@ def _make_array_record_dataset(data_dir: str, image_shape: tuple[int, int, int])
 def test_read_prepared_tfds_array_record(tmp_path):
   expected = _make_array_record_dataset(str(tmp_path), (6, 8, 3))
   dirs = [str(tmp_path / "x"), str(tmp_path)]
-  assert datasets.find_prepared_tfds("distill_jax_tiny_images", dirs) == (str(tmp_path), "1.2.0")
-  assert datasets.find_prepared_tfds("cifar10", [str(tmp_path)]) is None
-  x, y = datasets.read_prepared_tfds("distill_jax_tiny_images", "train", str(tmp_path), "1.2.0")
+  assert files.find_prepared_tfds("distill_jax_tiny_images", dirs) == (str(tmp_path), "1.2.0")
+  assert files.find_prepared_tfds("cifar10", [str(tmp_path)]) is None
+  x, y = files.read_prepared_tfds("distill_jax_tiny_images", "train", str(tmp_path), "1.2.0")
   assert x.shape == (7, 6, 8, 3) and x.dtype == np.float32 and y.dtype == np.int32
   pixels = np.round(x[:, 0, 0, 0] * 255).astype(int)
   assert {int(p): int(label) for p, label in zip(pixels, y)} == expected
   np.testing.assert_allclose(x, np.broadcast_to(x[:, :1, :1, :1], x.shape))
   # Resizing path (imagenette): shorter side to 4, centre crop, constant images stay constant.
-  x_small, _ = datasets.read_prepared_tfds(
+  x_small, _ = files.read_prepared_tfds(
       "distill_jax_tiny_images", "test", str(tmp_path), "1.2.0", image_size=4
   )
   assert x_small.shape == (2, 4, 4, 3)
@@ -236,11 +236,11 @@ def test_read_prepared_tfds_array_record(tmp_path):
 def test_resize_shorter_and_center_crop_matches_torchvision_rule():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
-  out = datasets.resize_shorter_and_center_crop(image, 3)
+  out = files.resize_shorter_and_center_crop(image, 3)
   # torchvision: shorter side 6 -> 3, longer int(3 * 10 / 6) = 5, crop left round((5 - 3) / 2) = 1.
   resized = np.asarray(Image.fromarray(image).resize((5, 3), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(out, resized[:, 1:4])
-  tall = datasets.resize_shorter_and_center_crop(rng.integers(0, 256, (9, 4, 1), dtype=np.uint8), 4)
+  tall = files.resize_shorter_and_center_crop(rng.integers(0, 256, (9, 4, 1), dtype=np.uint8), 4)
   assert tall.shape == (4, 4, 1)
 
 

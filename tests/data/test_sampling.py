@@ -83,8 +83,8 @@ def test_balanced_indices_too_many_per_class():
     data.balanced_indices(jax.random.key(0), Y, per_class=5, num_classes=3)
 
 
-def test_batch_indices():
-  fn = jax.jit(lambda key: data.batch_indices(key, 10, 4))
+def test_random_batch():
+  fn = jax.jit(lambda key: data.random_batch(key, 10, 4))
   idx = fn(jax.random.key(3))
   assert idx.shape == (4,) and idx.dtype == jnp.int32 and len(set(idx.tolist())) == 4
   assert int(idx.min()) >= 0 and int(idx.max()) < 10
@@ -92,4 +92,4 @@ def test_batch_indices():
   draws = np.asarray(jax.jit(jax.vmap(fn))(jax.random.split(jax.random.key(4), 3000)))
   np.testing.assert_allclose(np.bincount(draws.reshape(-1), minlength=10) / 3000, 0.4, atol=0.04)
   with pytest.raises(ValueError, match="batch_size must be in 1..n=10"):
-    data.batch_indices(jax.random.key(0), 10, 11)
+    data.random_batch(jax.random.key(0), 10, 11)

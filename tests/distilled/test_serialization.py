@@ -1,5 +1,6 @@
 """save/load of distilled sets: exact round trips, atomicity, clear errors on damage."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
   )
 
 
-def make_set(seed=0, lr=0.03):
+def make_set(seed=0, lr=0.03, label_kind="learned"):
   rng = np.random.default_rng(seed)
   meta = SetMeta(
       method="frepo",
@@ -44,6 +45,7 @@ def make_set(seed=0, lr=0.03):
           "names": np.array(["a", "bc"]),
           "note": "fit on train",
       },
+      label_kind=label_kind,
   )
   x = jnp.asarray(rng.normal(size=(6, 4, 4, 1)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
@@ -70,10 +72,39 @@ def test_round_trip_in_process(tmp_path):
   loaded = load(tmp_path / "set")
   assert_same(s, loaded)
   assert loaded.meta.preprocessing["note"] == "fit on train"
-  hard = PixelSet(s.x, jnp.arange(6, dtype=jnp.int32) % 3, meta=s.meta)  # No lr, int labels.
+  hard_meta = dataclasses.replace(s.meta, label_kind="class_ids")
+  hard = PixelSet(s.x, jnp.arange(6, dtype=jnp.int32) % 3, meta=hard_meta)  # No lr, int labels.
   save(tmp_path / "hard", hard)
   assert_same(hard, load(str(tmp_path / "hard")))
   assert load(tmp_path / "hard").lr is None
+
+
+@pytest.mark.parametrize("label_kind", ["learned", "probabilities", "logits"])
+def test_label_kind_round_trips(tmp_path, label_kind):
+  s = make_set(label_kind=label_kind)
+  save(tmp_path / "set", s)
+  loaded = load(tmp_path / "set")
+  assert loaded.meta.label_kind == label_kind and loaded.label_kind == label_kind
+  assert_same(s, loaded)
+  record = json.loads((tmp_path / "set" / "meta" / "metadata").read_text())
+  assert record["meta"]["label_kind"] == label_kind
+
+
+@pytest.mark.parametrize("soft, inferred", [(True, "learned"), (False, "class_ids")])
+def test_records_saved_before_label_kinds_infer_them(tmp_path, soft, inferred):
+  """Sets saved before SetMeta had a label kind: (N, C) labels were FRePo's learned labels."""
+  s = make_set(label_kind="learned")
+  if not soft:
+    s = PixelSet(s.x, jnp.arange(6, dtype=jnp.int32) % 3,
+                 meta=dataclasses.replace(s.meta, label_kind="class_ids"))
+  save(tmp_path / "set", s)
+  meta_file = tmp_path / "set" / "meta" / "metadata"
+  record = json.loads(meta_file.read_text())
+  del record["meta"]["label_kind"]
+  meta_file.write_text(json.dumps(record))
+  loaded = load(tmp_path / "set")
+  assert loaded.meta.label_kind == inferred
+  np.testing.assert_array_equal(loaded.y, np.asarray(s.y))
 
 
 def test_round_trip_in_a_separate_process(tmp_path):

@@ -14,6 +14,7 @@ def make(n, shape, num_classes, soft, lr=None, preprocessing=None):
       num_classes=num_classes,
       image_shape=shape,
       preprocessing=preprocessing or {"kind": "none"},
+      label_kind="learned" if soft else "class_ids",
   )
   y = np.zeros((n, num_classes), np.float32) if soft else np.zeros(n, np.int32)
   return PixelSet(np.zeros((n, *shape), np.float32), y, lr=lr, meta=meta)

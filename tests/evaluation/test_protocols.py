@@ -1,20 +1,17 @@
 """Tests of the named evaluation protocols and their overrides."""
 
 import dataclasses
-import math
 
-import jax
-import numpy as np
 import pytest
 
 from distill_jax.evaluation import PROTOCOLS, Protocol, get_protocol
-from distill_jax.evaluation import retrain
 from distill_jax.evaluation.protocols import FREPO_STEPS_BY_SET_SIZE
 from distill_jax.registry import UnknownNameError
+from distill_jax.training import Recipe
 
 
 def test_registry_names():
-  assert PROTOCOLS.names() == ["frepo", "kd", "mtt", "standard"]
+  assert PROTOCOLS.names() == ["dc", "dsa", "frepo", "kd", "mtt", "standard"]
   for name in PROTOCOLS.names():
     protocol = get_protocol(name)
     assert protocol.name == name
@@ -27,7 +24,7 @@ def test_mtt_matches_released_code():
   assert (p.model, p.optimizer, p.lr, p.momentum, p.weight_decay) == (
       "convnet", "sgd", 0.01, 0.9, 5e-4)
   assert p.use_learned_lr and not any(
-      get_protocol(name).use_learned_lr for name in ("frepo", "kd", "standard"))
+      get_protocol(name).use_learned_lr for name in ("dc", "dsa", "frepo", "kd", "standard"))
   assert p.model_kwargs == {
       "depth": 3, "width": 128, "norm": "instance", "pooling": "avg", "init_scheme": "pytorch"}
   assert (p.schedule, p.epochs, p.steps, p.batch_size, p.loss) == ("step", 1000, None, 256, "ce")
@@ -52,6 +49,33 @@ def test_frepo_matches_released_code():
   assert p.augmentation == "frepo"
   assert p.strategy_for(1) == "color_crop_rotate_translate_cutout"
   assert p.strategy_for(3) == "flip_color_crop_rotate_translate_cutout"
+
+
+def test_dsa_and_dc_are_mtts_recipe_at_a_fixed_lr():
+  mtt, dsa, dc = get_protocol("mtt"), get_protocol("dsa"), get_protocol("dc")
+  # DatasetCondensation's evaluate_synset, which MTT copied: the same recipe, lr_net = 0.01.
+  differs = {f.name for f in dataclasses.fields(Protocol)
+             if getattr(mtt, f.name) != getattr(dsa, f.name)}
+  assert differs == {"name", "use_learned_lr", "source"}
+  assert (dsa.lr, dsa.use_learned_lr) == (0.01, False)
+  # DC: no augmentation (every dataset but MNIST) and 300 epochs.
+  differs = {f.name for f in dataclasses.fields(Protocol)
+             if getattr(dsa, f.name) != getattr(dc, f.name)}
+  assert differs == {"name", "augmentation", "epochs", "source"}
+  assert (dc.augmentation, dc.epochs, dc.num_steps(100)) == ("none", 300, 300)
+
+
+def test_a_protocol_is_a_recipe():
+  p = get_protocol("frepo")
+  assert isinstance(p, Recipe)
+  recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+  assert {f.name for f in dataclasses.fields(Protocol)} - recipe_fields == {
+      "name", "use_learned_lr", "test_batch_size", "source"}
+  # Hashable and equal by value (equal protocols share compiled programs).
+  assert hash(p) == hash(get_protocol("frepo")) and p == get_protocol("frepo")
+  assert p != get_protocol("frepo", lr=1e-3)
+  with pytest.raises(ValueError, match="test_batch_size must be a positive int"):
+    get_protocol("mtt", test_batch_size=0)
 
 
 def test_kd_and_standard():
@@ -90,8 +114,8 @@ def test_frozen_and_private_kwargs():
 
 
 def test_unknown_names_and_fields():
-  with pytest.raises(UnknownNameError, match="valid names: frepo, kd, mtt, standard"):
-    get_protocol("dc")
+  with pytest.raises(UnknownNameError, match="valid names: dc, dsa, frepo, kd, mtt, standard"):
+    get_protocol("nope")
   with pytest.raises(ValueError, match=r"unknown override 'epoch'.*arguments: .*epochs"):
     get_protocol("mtt", epoch=3)
   with pytest.raises(ValueError, match=r"unknown override 'depth'.*resnet18 arguments"):
@@ -125,27 +149,3 @@ def test_bad_values(overrides, message):
 def test_empty_training_set_is_an_error():
   with pytest.raises(ValueError, match="training set is empty"):
     get_protocol("mtt").num_steps(0)
-
-
-@pytest.mark.parametrize(
-    "name, num_steps",
-    [("mtt", 10), ("standard", 7), ("frepo", 12), ("frepo", 600), ("mtt", 1)],
-)
-def test_lr_multiplier_matches_numpy(name, num_steps):
-  protocol = get_protocol(name, steps=num_steps)
-  multiplier = jax.jit(jax.vmap(retrain._lr_multiplier(protocol, num_steps)))
-  t = np.arange(num_steps)
-  got = np.asarray(multiplier(t))
-  if protocol.schedule == "step":
-    expected = np.where(t < max(num_steps // 2, 1), 1.0, 0.1)
-  elif protocol.schedule == "cosine":
-    alpha = protocol.final_lr_fraction
-    expected = (1 - alpha) * 0.5 * (1 + np.cos(np.pi * t / num_steps)) + alpha
-  else:
-    warmup, alpha = protocol.warmup_steps, protocol.final_lr_fraction
-    decay = max(num_steps - warmup, 1)
-    progress = np.clip(t - warmup, 0, decay) / decay
-    cosine = (1 - alpha) * 0.5 * (1 + np.cos(np.pi * progress)) + alpha
-    expected = np.where(t < warmup, t / max(warmup, 1), cosine)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
-  assert math.isclose(float(got[0]), 0.0 if protocol.schedule == "warmup_cosine" else 1.0)

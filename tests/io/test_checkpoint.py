@@ -1,7 +1,6 @@
 """Checkpointer: round trips with typed PRNG keys, errors, pre-emption safety, sharded arrays."""
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -214,9 +213,82 @@ def test_sharded_arrays_restore_with_the_template_sharding(tmp_path):
 
 
 def test_checkpointer_validates_arguments(tmp_path):
-  with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
+  with pytest.raises(ValueError, match="max_to_keep must be >= 1 or None"):
     Checkpointer(tmp_path, max_to_keep=0)
   with Checkpointer(tmp_path) as ckpt:
     with pytest.raises(ValueError, match="template leaf \\['x'\\] is a str"):
       ckpt.save(1, {"x": jnp.zeros(1)})
       ckpt.restore(1, {"x": "zeros"})
+
+
+def test_partial_restore_reads_the_subtree_a_template_names(tmp_path):
+  rng = np.random.default_rng(0)
+  saved = {
+      "networks": {f"net_{i}": {"w": rng.normal(size=(3, 4)).astype(np.float32),
+                                "b": jnp.asarray(rng.normal(size=4), jnp.bfloat16)}
+                   for i in range(3)},
+      "train": {"key": jax.random.key(5), "count": np.int64(7)},
+      "metrics": {"loss": np.arange(3, dtype=np.float32)},
+  }
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, saved)
+    one = ckpt.restore(1, {"networks": {"net_1": {"w": np.zeros((3, 4), np.float32),
+                                                  "b": jnp.zeros(4, jnp.bfloat16)}}},
+                       partial=True)
+    assert set(one) == {"networks"} and set(one["networks"]) == {"net_1"}
+    assert isinstance(one["networks"]["net_1"]["w"], np.ndarray)
+    assert_state_equal(one["networks"]["net_1"], saved["networks"]["net_1"])
+    keys_only = ckpt.restore(1, {"train": {"key": jax.random.key(0)}}, partial=True)
+    assert_state_equal(keys_only["train"]["key"], saved["train"]["key"])
+    metrics = ckpt.restore(1, {"metrics": {"loss": np.zeros(3, np.float32)}}, partial=True)
+    np.testing.assert_array_equal(metrics["metrics"]["loss"], np.arange(3))
+    # Without `partial` a subtree is a mismatch; with it, a leaf the checkpoint lacks or of
+    # another shape still is.
+    with pytest.raises(CheckpointError, match="networks/net_0/w not in the template"):
+      ckpt.restore(1, {"metrics": {"loss": np.zeros(3, np.float32)}})
+    with pytest.raises(CheckpointError, match="networks/net_7/w missing from the checkpoint"):
+      ckpt.restore(1, {"networks": {"net_7": {"w": np.zeros((3, 4), np.float32)}}},
+                   partial=True)
+    with pytest.raises(CheckpointError, match=r"metrics/loss saved as float32\[3\], template "
+                       r"float32\[4\]"):
+      ckpt.restore(1, {"metrics": {"loss": np.zeros(4, np.float32)}}, partial=True)
+    with pytest.raises(CheckpointError, match="holds a different state"):
+      ckpt.restore(1, {"train": {"key": jax.random.key(0, impl="rbg")}}, partial=True)
+
+
+def test_donating_the_saved_arrays_right_after_save_is_safe(tmp_path):
+  """A training loop saves its state and at once donates it to the next step, without waiting:
+  every checkpoint holds the values at its save."""
+  step = jax.jit(lambda s: jax.tree.map(lambda a: a * 2 + 1, s), donate_argnums=0)
+  state = {"w": jnp.arange(1_000_000, dtype=jnp.float32) / 1e6,
+           "c": jnp.arange(5000, dtype=jnp.int32)}
+  expected = {}
+  with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    for t in range(1, 5):
+      expected[t] = jax.tree.map(lambda a: np.array(a, copy=True), state)
+      ckpt.save(t, state)
+      state = step(state)  # Donates the buffers just saved.
+    jax.block_until_ready(state)
+    ckpt.wait()
+    template = jax.tree.map(jnp.zeros_like, state)
+    for t, values in expected.items():
+      restored = ckpt.restore(t, template)
+      for name in values:
+        np.testing.assert_array_equal(np.asarray(restored[name]), values[name])
+  # The loop's values really changed between saves.
+  assert not np.array_equal(expected[1]["w"], expected[4]["w"])
+
+
+def test_max_to_keep_none_keeps_every_step(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    for step in (1, 2, 3, 5, 8):
+      ckpt.save(step, make_state(step))
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 2, 3, 5, 8]
+    assert_state_equal(ckpt.restore(1, make_state(0)), make_state(1))
+  with Checkpointer(tmp_path, max_to_keep=None) as again:
+    assert again.all_steps() == [1, 2, 3, 5, 8]
+  with Checkpointer(tmp_path, max_to_keep=1) as ckpt:  # A count keeps the newest steps only.
+    ckpt.save(9, make_state(9))
+    ckpt.wait()
+    assert ckpt.all_steps() == [9]

@@ -1,36 +1,22 @@
-"""FRePo end to end on scikit-learn's digits, and its pure pieces against NumPy."""
+"""FRePo: its pure pieces against NumPy, its step on digits, and its smoke run (conftest.py)."""
 
+import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import frepo as frepo_config
+from distill_jax import data as data_lib
+from distill_jax import evaluation
 from distill_jax import io as io_lib
-from distill_jax import pipeline
-from distill_jax.methods import frepo, get_method
+from distill_jax import methods
+from distill_jax.methods import frepo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMOKE = "digits,smoke"
-
-
-class _Linear(nn.Module):
-  """A linear classifier on flattened pixels, following the models' call convention."""
-
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x, train=False, return_features=False):
-    features = x.reshape((x.shape[0], -1))
-    logits = nn.Dense(self.num_classes)(features)
-    return (logits, {"penultimate": features, "blocks": ()}) if return_features else logits
+# The smoke preset with a smaller pool and real batch: the in-process steps compile faster.
+TINY = "smoke,pool.width=4,pool.size=3,outer.real_batch_size=32"
 
 
 def _numpy_krr(feat_target, feat_support, y_support, reg):
@@ -81,20 +67,21 @@ def test_initial_images_modes():
 
 
 @pytest.mark.parametrize("use_flip", [False, True])
-def test_frepo_loss_matches_numpy(use_flip):
+@pytest.mark.parametrize("reg_floor", [0.0, 1e5])
+def test_frepo_loss_matches_numpy(use_flip, reg_floor):
   rng = np.random.default_rng(0)
   x_syn = rng.normal(size=(6, 3, 4, 1)).astype(np.float32)
   y_syn = rng.normal(size=(6, 3)).astype(np.float32)
   feat_real = rng.normal(size=(20, 12)).astype(np.float32)
   y_real = np.eye(3)[rng.integers(0, 3, 20)] - 1 / 3
-  reg = 1e-3  # Above krr_predict's float32 floor, so NumPy's float64 solve is comparable.
+  reg = 1e-3  # Above krr_predict's float32 floor at reg_floor=0: NumPy's float64 solve compares.
 
   def flatten(x):
     return x.reshape((x.shape[0], -1))
 
   loss_fn = jax.jit(lambda x, y: frepo.frepo_loss(
-      x, y, feat_real, y_real, flatten, kernel_reg=reg, use_flip=use_flip,
-      label_margin_weight=0.5,
+      x, y, feat_real, y_real, flatten, kernel_reg=reg, kernel_reg_floor=reg_floor,
+      use_flip=use_flip, label_margin_weight=0.5,
   ))
   loss, aux = loss_fn(x_syn, y_syn)
 
@@ -102,8 +89,11 @@ def test_frepo_loss_matches_numpy(use_flip):
   if use_flip:
     x_support = np.concatenate([x_syn, x_syn[:, :, ::-1]])
     y_support = np.concatenate([y_syn, y_syn])
+  # The ridge is floored at reg_floor * n_s * float32 eps (1e5 * 6 * 1.2e-7 = 0.07 > reg).
+  reg_effective = max(reg, reg_floor * len(x_support) * np.finfo(np.float32).eps)
   pred = _numpy_krr(
-      feat_real.astype(np.float64), flatten(x_support).astype(np.float64), y_support, reg
+      feat_real.astype(np.float64), flatten(x_support).astype(np.float64), y_support,
+      reg_effective,
   )
   kernel_loss = 0.5 * np.mean(np.sum((pred - y_real) ** 2, -1))
   np.testing.assert_allclose(aux["kernel_loss"], kernel_loss, rtol=1e-3)
@@ -135,231 +125,214 @@ def test_frepo_loss_label_learning_switch():
   np.testing.assert_allclose(grad_x_fixed, grad_x, rtol=1e-5)
 
 
-def test_krr_accuracy_matches_numpy():
-  rng = np.random.default_rng(2)
-  model = _Linear(3)
-  x_support = rng.normal(size=(9, 2, 3, 1)).astype(np.float32)
-  y_support = rng.integers(0, 3, 9)
-  x_test = rng.normal(size=(25, 2, 3, 1)).astype(np.float32)
-  y_test = rng.integers(0, 3, 25)
-  variables = model.init(jax.random.key(0), x_test[:1])
-  accuracy = frepo.krr_accuracy(
-      x_support, y_support, x_test, y_test, model, variables, kernel_reg=1e-3, use_flip=True,
-      chunk_size=10,  # 25 = 2 full chunks + a padded one.
-  )
-  features = lambda x: x.reshape(len(x), -1).astype(np.float64)
-  x_all = np.concatenate([x_support, x_support[:, :, ::-1]])
-  y_all = np.concatenate([np.eye(3)[y_support]] * 2) - 1 / 3
-  pred = _numpy_krr(features(x_test), features(x_all), y_all, 1e-3)
-  assert accuracy == pytest.approx(np.mean(pred.argmax(-1) == y_test))
+# ----------------------------------------------------------------------------------------------
+# The config.
 
 
 def test_config_presets_and_defaults():
   config = frepo_config.get_config("cifar10,ipc=10")
   # Paper / released defaults.
-  assert (config.width, config.depth, config.norm) == (128, 3, "batch")
-  assert config.real_batch_size == 1024 and config.outer_optimizer == "lamb"
-  assert (config.outer_lr, config.outer_final_lr_fraction) == (3e-4, 0.1)
-  assert (config.pool_size, config.max_online_updates, config.online_lr) == (10, 100, 3e-4)
-  assert config.kernel_reg == 1e-6 and config.learn_label and config.order == "v2"
-  assert config.use_flip and config.preprocessing == "zca_frepo"
-  assert config.eval.protocols == "frepo,standard"
+  pool, outer = config.pool, config.outer
+  assert (pool.width, pool.depth, pool.norm, pool.model) == (128, 3, "batch", "convnet")
+  assert outer.real_batch_size == 1024 and outer.optimizer == "lamb"
+  assert (outer.lr, outer.final_lr_fraction) == (3e-4, 0.1)
+  assert (pool.size, pool.max_online_updates, pool.online_lr) == (10, 100, 3e-4)
+  assert outer.kernel_reg == 1e-6 and outer.kernel_reg_floor == 1.0
+  assert outer.learn_label and outer.order == "v2" and outer.label_margin_weight == 1.0
+  assert outer.use_flip and config.preprocessing == "zca_frepo"
+  assert config.eval.protocols == "frepo,standard" and config.num_steps == 500_000
+  assert (config.eval.krr.norm, config.eval.krr.batch_size) == ("none", 500)
   grey = frepo_config.get_config("fashion_mnist,ipc=1,cpu")
-  assert not grey.use_flip and grey.preprocessing == "standardize" and grey.ipc == 1
-  assert (grey.width, grey.real_batch_size, grey.norm) == (32, 256, "batch")
-  assert (grey.num_steps, grey.outer_lr) == (2000, 3e-3)
-  assert frepo_config.get_config("smoke,fashion_mnist").dataset == "fashion_mnist"
+  assert not grey.outer.use_flip and grey.preprocessing == "standardize" and grey.ipc == 1
+  assert (grey.pool.width, grey.outer.real_batch_size, grey.pool.norm) == (32, 256, "batch")
+  assert (grey.num_steps, grey.outer.lr, grey.eval.protocols) == (2000, 3e-3, "frepo")
+  smoke = frepo_config.get_config("smoke")
+  assert (smoke.dataset, smoke.pool.depth, smoke.pool.width, smoke.ipc) == ("digits", 2, 8, 2)
+  switched = frepo_config.get_config("smoke,fashion_mnist")
+  assert (switched.dataset, switched.pool.depth, switched.pool.width) == ("fashion_mnist", 3, 8)
   with pytest.raises(ValueError, match="unknown preset"):
     frepo_config.get_config("imagenet")
+  with pytest.raises(ValueError, match="unknown config key 'outer.lrr'"):
+    frepo_config.get_config("outer.lrr=1")
 
 
-def test_bad_config_values_are_one_line_errors():
+def test_the_frepo_protocol_evaluates_with_the_pool_depth():
+  """The released eval.py evaluates with the depth it distilled with: every preset, alone and
+  after or before every other preset."""
+  names = list(frepo_config.PRESETS)
+  for arg in [None, *names, *(f"{a},{b}" for a in names for b in names if a != b)]:
+    config = frepo_config.get_config(arg)
+    protocol = evaluation.get_protocol("frepo", **config.eval.overrides.get("frepo", {}))
+    assert protocol.model_kwargs["depth"] == config.pool.depth, arg
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "tiny_imagenet"])
+def test_the_flipped_copy_is_off_at_ipc_10_and_above_for_many_classes(dataset):
+  # Released script/distill.py: use_flip off for CIFAR-100 and Tiny ImageNet at ipc >= 10.
+  for ipc, flip in ((1, True), (5, True), (10, False), (50, False)):
+    assert frepo_config.get_config(f"{dataset},ipc={ipc}").outer.use_flip is flip, ipc
+  # Unless the user sets it.
+  assert frepo_config.get_config(f"{dataset},ipc=10,outer.use_flip=True").outer.use_flip
+  assert not frepo_config.get_config(f"{dataset},ipc=1,outer.use_flip=False").outer.use_flip
+  # Other RGB datasets keep it at every ipc.
+  assert frepo_config.get_config("cifar10,ipc=50").outer.use_flip
+
+
+def test_bad_config_values_are_one_line_errors(digits):
   for arg, message in [
-      ("order=v3", "unknown order 'v3'; use one of v1, v2"),
-      ("outer_optimizer=sgd", "unknown outer_optimizer 'sgd'"),
-      ("real_batch_size=0", "config.real_batch_size must be a positive int"),
-      ("kernel_reg=-1.0", "config.kernel_reg must be >= 0"),
+      ("outer.order=v3", "unknown config.outer.order 'v3'; use one of v1, v2"),
+      ("outer.optimizer=sgd", "unknown config.outer.optimizer 'sgd'"),
+      ("init=zeros", "unknown config.init 'zeros'"),
+      ("outer.real_batch_size=0", "config.outer.real_batch_size must be a positive int"),
+      ("pool.size=0", "config.pool.size must be a positive int"),
+      ("outer.kernel_reg=-1.0", "config.outer.kernel_reg must be >= 0"),
+      ("outer.kernel_reg_floor=-1.0", "config.outer.kernel_reg_floor must be >= 0"),
+      ("outer.final_lr_fraction=2.0", r"config.outer.final_lr_fraction must be in \[0, 1\]"),
   ]:
     with pytest.raises(ValueError, match=message):
-      frepo.FRePo(frepo_config.get_config(f"{SMOKE},{arg}"), num_classes=10, image_shape=(8, 8, 1))
+      frepo.FRePo(frepo_config.get_config(f"smoke,{arg}"), digits)
 
 
 # ----------------------------------------------------------------------------------------------
-# The distillation loop on digits (compiled once for the module: equal configs share programs).
+# The step on digits (one compiled step shared by the module's tests).
 
 
 @pytest.fixture(scope="module")
 def digits():
-  config = frepo_config.get_config(SMOKE)
-  return pipeline.load_real_data(config.dataset, config.preprocessing)
+  config = frepo_config.get_config("smoke")
+  return data_lib.load_real(config.dataset, config.preprocessing)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(digits, tmp_path_factory):
-  config = frepo_config.get_config(SMOKE)
-  workdir = io_lib.Workdir(tmp_path_factory.mktemp("frepo_smoke"))
-  distilled = get_method("frepo").distill(config, digits, workdir)
-  return config, workdir, distilled
+def tiny(digits):
+  """A small FRePo on digits, its jitted step (counting traces) and the step inputs."""
+  method = frepo.FRePo(frepo_config.get_config(TINY), digits)
+  traces = []
+
+  def step(state, inputs):
+    traces.append(None)
+    return method.step(state, inputs)
+
+  return method, jax.jit(step), traces, method.inputs(1)
 
 
-def test_step_is_deterministic_and_compiles_once(digits):
-  config = frepo_config.get_config(SMOKE)
-  model = frepo.FRePo(config, num_classes=digits.num_classes, image_shape=digits.image_shape)
-  x_train, y_train = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+def _leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_step_is_deterministic_and_traced_once(tiny, digits):
+  method, step, traces, inputs = tiny
+  init = jax.jit(method.init)(jax.random.key(0))
+  np.testing.assert_array_equal(
+      init.x_syn, data_lib.random_subset(digits.x_train, digits.y_train, ipc=2, num_classes=10,
+                                         seed=0)[0])  # init="real": seeded real images.
 
   def run(num_steps):
-    state = model.initial_state(jax.random.key(0), digits.x_train[:20], digits.y_train[:20])
+    state = jax.jit(method.init)(jax.random.key(0))
     for _ in range(num_steps):
-      state, metrics = model.step(state, x_train, y_train)
+      state, metrics = step(state, inputs)
     return state, metrics
 
-  state_a, metrics = run(12)
-  # Another instance with an equal config shares the compiled step and gives the same bits.
-  model = frepo.FRePo(config, num_classes=digits.num_classes, image_shape=digits.image_shape)
-  state_b, _ = run(12)
+  state_a, metrics = run(6)
+  state_b, _ = run(6)
   np.testing.assert_array_equal(jax.random.key_data(state_a.key), jax.random.key_data(state_b.key))
   np.testing.assert_array_equal(state_a.x_syn, state_b.x_syn)
   np.testing.assert_array_equal(state_a.y_syn, state_b.y_syn)
-  assert model.num_traces == 1
-  assert int(state_a.step) == 12 and np.isfinite(float(metrics["loss"]))
-  # max_online_updates=10 with 4 members: some member was reset within 12 steps.
-  assert int(jnp.max(state_a.pool.step)) <= config.max_online_updates + 1
+  assert _leaves_equal(state_a.pool, state_b.pool)
+  assert len(traces) == 1
+  assert int(state_a.step) == 6 and np.isfinite(float(metrics["loss"]))
+  assert not np.array_equal(state_a.x_syn, init.x_syn)  # The images moved.
+
+
+def test_a_member_past_max_online_updates_is_reset_from_the_key(tiny):
+  method, step, _, inputs = tiny
+  limit = method.config.pool.max_online_updates
+  state = jax.jit(method.init)(jax.random.key(1))
+  reset_key = jax.random.split(state.key, 5)[4]  # FRePo.step: key, member, real, online, reset.
+
+  # Every counter past K: the chosen member is replaced by a fresh one from the reset key.
+  over = state.replace(pool=state.pool.replace(step=jnp.full_like(state.pool.step, limit + 1)))
+  after, metrics = step(over, inputs)
+  chosen = int(metrics["member"])
+  assert float(metrics["reset"]) == 1.0 and float(metrics["online_loss"]) == 0.0
+  member = method.pool.member(after.pool, chosen)
+  fresh = method.pool.init_member(reset_key)
+  assert int(member.step) == 0
+  for got, want in zip(jax.tree.leaves(member.params), jax.tree.leaves(fresh.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert not _leaves_equal(member.params, method.pool.member(over.pool, chosen).params)
+  for other in set(range(method.config.pool.size)) - {chosen}:  # Untouched.
+    assert _leaves_equal(method.pool.member(after.pool, other),
+                         method.pool.member(over.pool, other))
+
+  # A counter of exactly K is still trained (the released code resets when step > K).
+  at = state.replace(pool=state.pool.replace(step=jnp.full_like(state.pool.step, limit)))
+  after, metrics = step(at, inputs)
+  chosen = int(metrics["member"])
+  assert float(metrics["reset"]) == 0.0 and float(metrics["online_loss"]) > 0.0
+  member, before = method.pool.member(after.pool, chosen), method.pool.member(at.pool, chosen)
+  assert int(member.step) == limit + 1
+  for got, old, fresh in zip(jax.tree.leaves(member.params), jax.tree.leaves(before.params),
+                             jax.tree.leaves(method.pool.init_member(reset_key).params)):
+    assert not np.array_equal(got, fresh)
+  assert not _leaves_equal(member.params, before.params)  # Trained one step.
 
 
 def test_v1_order_with_fixed_labels(digits):
   # One extra compiled step covers both switches: online update first (v1), labels kept fixed.
-  config = frepo_config.get_config(f"{SMOKE},order=v1,learn_label=False")
-  model = frepo.FRePo(config, num_classes=digits.num_classes, image_shape=digits.image_shape)
-  x_real, y_real = digits.x_train[:20], digits.y_train[:20]
-  state = model.initial_state(jax.random.key(0), x_real, y_real)
-  x_start = np.asarray(state.x_syn)
-  np.testing.assert_array_equal(x_start, x_real)  # init="real"
-  x_train, y_train = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+  method = frepo.FRePo(
+      frepo_config.get_config(f"{TINY},outer.order=v1,outer.learn_label=False"), digits)
+  state = jax.jit(method.init)(jax.random.key(0))
+  x_start, y_start = np.asarray(state.x_syn), np.asarray(state.y_syn)
+  np.testing.assert_array_equal(
+      y_start, frepo.initial_labels(jnp.repeat(jnp.arange(10), 2), digits.num_classes))
+  step = jax.jit(method.step)
   for _ in range(3):
-    state, metrics = model.step(state, x_train, y_train)
+    state, metrics = step(state, method.inputs(1))
   assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm_y"]) == 0.0
-  np.testing.assert_array_equal(state.y_syn, frepo.initial_labels(y_real, digits.num_classes))
+  np.testing.assert_array_equal(state.y_syn, y_start)
   assert not np.array_equal(state.x_syn, x_start)
   # v1 trains the chosen member before the meta-gradient: its online loss is already reported.
   assert float(metrics["online_loss"]) > 0 or float(metrics["reset"]) == 1.0
 
 
-def test_smoke_distillation_raises_krr_accuracy(smoke_run, digits):
-  config, workdir, distilled = smoke_run
-  assert distilled.x.shape == (20, 8, 8, 1) and distilled.y.shape == (20, 10)
-  assert distilled.meta.method == "frepo" and distilled.meta.dataset == "digits"
-  model = frepo.FRePo(config, num_classes=digits.num_classes, image_shape=digits.image_shape)
-  start = frepo._start_state(model, config, digits)
-  evaluate = lambda x, y: frepo.krr_evaluation(
-      config, x, y, digits.x_test, digits.y_test, num_classes=digits.num_classes, seed=0
-  )["mean"]
-  before, after = evaluate(start.x_syn, start.y_syn), evaluate(distilled.x, distilled.y)
-  assert after > before + 0.03, (before, after)
-  # The loop logged and compiled its step once.
-  records = io_lib.read_metrics(workdir.metrics_path)
+def test_nan_loss_stops_with_the_fix(digits, tmp_path):
+  broken = digits.replace(x_train=np.full_like(digits.x_train, np.nan))
+  method = frepo.FRePo(frepo_config.get_config(f"{TINY},num_steps=3"), broken)
+  with pytest.raises(methods.DivergenceError,
+                     match=r"frepo diverged at step 1 \(.*loss=nan.*\); lower outer\.lr \(now "
+                           r"0\.01\) or pool\.online_lr .*no checkpoint was written yet"):
+    methods.run(method, io_lib.Workdir(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# The smoke run (digits, run in a child process by conftest.py).
+
+
+def test_smoke_distillation_raises_krr_accuracy(smoke_runs):
+  with open(smoke_runs.reference / "frepo_extras.json") as f:
+    extras = json.load(f)
+  before, after = extras["krr_accuracy_of_the_initial_set"], extras["krr_accuracy"]
+  assert after["n"] == before["n"] == 2 and len(after["accuracies"]) == 2
+  assert after["mean"] > before["mean"] + 0.03, (before, after)
+  assert 0.5 < after["mean"] <= 1.0
+  records = io_lib.read_metrics(smoke_runs.reference / "frepo" / "metrics.jsonl")
   assert [r["step"] for r in records] == [20, 40, 60]
   assert all(r["step_traces"] == 1 for r in records)
   assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_report_extras_writes_krr_accuracy_and_label_heatmap(smoke_run, digits):
-  config, workdir, distilled = smoke_run
-  extras = frepo.report_extras(config, digits, distilled, workdir)
-  result = extras["krr_accuracy"]
-  assert result["n"] == config.krr_eval.num_models and 0.5 < result["mean"] <= 1.0
-  assert os.path.getsize(os.path.join(workdir.images_dir, "labels.png")) > 0
+def test_report_extras_writes_the_label_heatmap(smoke_runs):
+  heatmap = smoke_runs.reference / "frepo" / "images" / "labels.png"
+  assert os.path.getsize(heatmap) > 0
 
 
-def test_rerun_of_a_finished_run_returns_the_same_set(smoke_run, digits):
-  config, workdir, distilled = smoke_run
-  again = frepo.distill(config, digits, workdir)
-  np.testing.assert_array_equal(again.x, distilled.x)
-  np.testing.assert_array_equal(again.y, distilled.y)
-
-
-def test_nan_loss_stops_with_the_fix(digits, tmp_path):
-  config = frepo_config.get_config(SMOKE)
-  x_train = digits.x_train.copy()
-  x_train[:] = np.nan
-  broken = pipeline.RealData(**{**digits.__dict__, "x_train": x_train})
-  with pytest.raises(frepo.DivergenceError, match="non-finite at step 1 .*lower outer_lr"):
-    frepo.distill(config, broken, io_lib.Workdir(tmp_path))
-
-
-_CHILD = """
-import sys, time
-import numpy as np
-from configs import frepo as frepo_config
-from distill_jax import io as io_lib, pipeline
-from distill_jax.methods import frepo
-
-arg, workdir, out, marker = sys.argv[1:5]
-if marker != "-":
-  save = io_lib.Checkpointer.save
-
-  def save_then_stall(self, step, state):
-    save(self, step, state)
-    self.wait()
-    with open(marker, "w") as f:
-      f.write(str(step))
-    time.sleep(600)  # Killed here, after the first checkpoint is on disk.
-
-  io_lib.Checkpointer.save = save_then_stall
-config = frepo_config.get_config(arg)
-data = pipeline.load_real_data(config.dataset, config.preprocessing)
-result = frepo.distill(config, data, io_lib.Workdir(workdir))
-np.savez(out, x=result.x, y=result.y)
-"""
-
-
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-  env = {
-      **os.environ,
-      "PYTHONPATH": ROOT,
-      # All three runs share one compilation (the first run's, through the persistent cache);
-      # LLVM -O0 code generation compiles several times faster on CPU, and every run uses it.
-      "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-      "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0",
-  }
-
-  def command(name, marker="-"):
-    out = tmp_path / f"{name}.npz"
-    return [sys.executable, "-c", _CHILD, SMOKE, str(tmp_path / name), str(out), marker]
-
-  def run(name):
-    return subprocess.run(
-        command(name), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-
-  reference = run("reference")
-  assert reference.returncode == 0, reference.stderr[-3000:]
-
-  marker = tmp_path / "saved"
-  log_path = tmp_path / "killed.log"  # A file, not a pipe: a full pipe would block the child.
-  with open(log_path, "w") as log:
-    child = subprocess.Popen(command("run", str(marker)), cwd=ROOT, env=env, stderr=log)
-    try:
-      deadline = time.time() + 300
-      while not marker.exists():
-        assert child.poll() is None, log_path.read_text()[-3000:]
-        assert time.time() < deadline, "the child never wrote its first checkpoint"
-        time.sleep(0.1)
-    finally:
-      child.send_signal(signal.SIGKILL)  # kill -9; a no-op if the child already ended.
-      child.wait()
-  run_dir = io_lib.Workdir(tmp_path / "run")
-  with io_lib.Checkpointer(run_dir.checkpoint_dir) as checkpointer:
-    assert checkpointer.latest_step() == 30
-  assert not (tmp_path / "run.npz").exists()
-
-  resumed = run("run")
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  expected, result = np.load(tmp_path / "reference.npz"), np.load(tmp_path / "run.npz")
-  np.testing.assert_array_equal(result["x"], expected["x"])
-  np.testing.assert_array_equal(result["y"], expected["y"])
-  # The killed run logged step 20; the resumed one steps 40 and 60, each compiled once.
-  records = io_lib.read_metrics(run_dir.metrics_path)
-  assert [r["step"] for r in records] == [20, 40, 60]
-  assert all(r["step_traces"] == 1 for r in records)
+def test_rerun_of_a_finished_run_returns_the_same_set(smoke_runs, digits):
+  method = frepo.FRePo(frepo_config.get_config("smoke"), digits)
+  again = methods.run(method, io_lib.Workdir(smoke_runs.reference / "frepo"))
+  expected = np.load(smoke_runs.reference / "frepo.npz")
+  assert again.distilled_set.meta.method == "frepo" and again.distilled_set.label_kind == "learned"
+  assert again.distilled_set.x.shape == (20, 8, 8, 1) and again.distilled_set.y.shape == (20, 10)
+  np.testing.assert_array_equal(again.distilled_set.x, expected["x"])
+  np.testing.assert_array_equal(again.distilled_set.y, expected["y"])
+  assert again.compile_seconds == 0.0  # Nothing was left to run.

@@ -89,3 +89,43 @@ def test_mean_embedding_loss_matches_numpy_and_gradients():
                 modes=("rev",))
   with pytest.raises(ValueError, match="same size"):
     mean_embedding_loss(jnp.ones((2, 3)), jnp.ones((2, 4)))
+
+
+def _numpy_cosine_grads(a, b, eps=1e-6):
+  """Gradients of `sum_j 1 - a_j.b_j / (|a_j| |b_j| + eps)` over columns j (float64), with
+  PyTorch's subgradient 0 for the norm of an all-zero column."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  n_a, n_b = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0)
+  unit_a = np.divide(a, n_a, out=np.zeros_like(a), where=n_a > 0)
+  unit_b = np.divide(b, n_b, out=np.zeros_like(b), where=n_b > 0)
+  dots, denom = np.sum(a * b, axis=0), n_a * n_b + eps
+  grad_a = -b / denom + dots * n_b * unit_a / denom**2
+  grad_b = -a / denom + dots * n_a * unit_b / denom**2
+  return grad_a, grad_b
+
+
+def test_cosine_gradient_of_all_zero_columns_is_finite_like_pytorch():
+  """A unit that received no gradient (all-zero column, e.g. a dead ReLU) has a finite
+  gradient: torch.norm's subgradient 0 at zero, not NaN."""
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(6, 4)).astype(np.float32)
+  b = rng.normal(size=(6, 4)).astype(np.float32)
+  a[:, 1] = 0.0  # Zero in a only, in b only, and in both.
+  b[:, 2] = 0.0
+  a[:, 3] = b[:, 3] = 0.0
+  loss_and_grads = jax.jit(jax.value_and_grad(
+      lambda u, v: gradient_matching_loss({"k": u}, {"k": v}, distance="cosine"),
+      argnums=(0, 1)))
+  loss, (grad_a, grad_b) = loss_and_grads(jnp.asarray(a), jnp.asarray(b))
+  assert np.all(np.isfinite(grad_a)) and np.all(np.isfinite(grad_b))
+  want_a, want_b = _numpy_cosine_grads(a, b)
+  # Columns 1..3 have zero norm products: cos = 0 there, and the loss counts 1 each.
+  cos0 = a[:, 0] @ b[:, 0] / (np.linalg.norm(a[:, 0]) * np.linalg.norm(b[:, 0]) + 1e-6)
+  np.testing.assert_allclose(loss, 1 - cos0 + 3, rtol=1e-5)
+  np.testing.assert_allclose(grad_a, want_a, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(grad_b, want_b, rtol=1e-4, atol=1e-3)
+  # A zero column pulls its partner towards nothing, and is pulled towards it by -partner / eps.
+  np.testing.assert_array_equal(grad_b[:, 1], 0.0)
+  np.testing.assert_array_equal(grad_a[:, 2], 0.0)
+  np.testing.assert_array_equal(grad_a[:, 3], 0.0)
+  np.testing.assert_allclose(grad_a[:, 1], -b[:, 1] / 1e-6, rtol=1e-5)

@@ -123,3 +123,32 @@ def test_krr_rejects_bad_shapes():
     krr_predict(jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.ones((4,)))
   with pytest.raises(ValueError, match="y_target"):
     krr_loss(jnp.ones((2, 3)), jnp.ones((3, 2)), jnp.ones((4, 3)), jnp.ones((4, 2)))
+
+
+def test_reg_floor_scales_the_ridge_floor_and_zero_disables_it():
+  """The relative ridge is max(reg, reg_floor * n_s * eps(dtype)); reg_floor may be traced."""
+  rng = np.random.default_rng(7)
+  feat_target, feat_support = rng.normal(size=(5, 30)), rng.normal(size=(12, 30))
+  y_support = rng.normal(size=(12, 3))
+  args = [jnp.asarray(a, jnp.float32) for a in (feat_target, feat_support, y_support)]
+  predict = jax.jit(lambda floor, *a: krr_predict(*a, reg=1e-6, reg_floor=floor))
+  floor_ridge = 1e4 * 12 * np.finfo(np.float32).eps  # 0.014, far above reg = 1e-6.
+  high = predict(1e4, *args)
+  np.testing.assert_allclose(high, _numpy_krr(feat_target, feat_support, y_support, floor_ridge),
+                             rtol=1e-4, atol=1e-4)
+  none = predict(0.0, *args)  # The same compiled program: the floor is a traced value.
+  np.testing.assert_allclose(none, _numpy_krr(feat_target, feat_support, y_support, 1e-6),
+                             rtol=1e-3, atol=1e-3)
+  assert not np.allclose(high, none, atol=1e-2)
+  # The default floor is 1.
+  np.testing.assert_allclose(krr_predict(*args, reg=1e-6), predict(1.0, *args), rtol=1e-6)
+  with jax.enable_x64(True):
+    got = krr_predict(feat_target, feat_support, y_support, reg=0.0, reg_floor=1e12)
+    ridge = 1e12 * 12 * np.finfo(np.float64).eps  # 2.7e-3 in float64.
+    np.testing.assert_allclose(got, _numpy_krr(feat_target, feat_support, y_support, ridge),
+                               rtol=1e-9, atol=1e-10)
+    loss = krr_loss(feat_target, feat_target @ np.ones((30, 3)), feat_support, y_support,
+                    reg=0.0, reg_floor=1e12)
+    pred = _numpy_krr(feat_target, feat_support, y_support, ridge)
+    want = 0.5 * np.mean(np.sum((feat_target @ np.ones((30, 3)) - pred) ** 2, axis=1))
+    np.testing.assert_allclose(loss, want, rtol=1e-9)

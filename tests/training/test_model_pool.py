@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from distill_jax.models import get_model
+from distill_jax.training import Recipe
 from distill_jax.training.model_pool import MemberState, ModelPool
 
 
@@ -157,3 +158,27 @@ def test_bad_sizes_are_one_line_errors():
 def test_member_state_is_a_pytree():
   state = MemberState(params={"w": jnp.ones(2)}, batch_stats={}, opt_state=(), step=jnp.zeros(()))
   assert len(jax.tree.leaves(state)) == 2
+
+
+def test_a_recipes_per_example_loss_is_averaged_over_the_batch():
+  """`loss_fn` is per-example (a recipe's `per_example_loss`); the step uses its batch mean."""
+  lr = 0.01
+  pool = ModelPool(
+      _Linear(3), input_shape=(2, 2, 1), num_models=1, max_online_updates=5,
+      optimizer=optax.adam(lr), loss_fn=Recipe(epochs=1, loss="ce").per_example_loss,
+  )
+  member = jax.jit(pool.init_member)(jax.random.key(5))
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6, 2, 2, 1)).astype(np.float32)
+  y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 6)]
+  new_member, loss = jax.jit(pool.train_step)(member, x, y)
+  w = np.asarray(member.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(member.params["Dense_0"]["bias"], np.float64)
+  features = x.reshape(6, -1).astype(np.float64)
+  logits = features @ w + b
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  np.testing.assert_allclose(loss, np.mean(-np.sum(y * np.log(p), axis=1)), rtol=1e-5)
+  grad_w = features.T @ (p - y) / 6  # Adam's first step: -lr * g / (|g| + eps).
+  np.testing.assert_allclose(new_member.params["Dense_0"]["kernel"],
+                             w - lr * grad_w / (np.abs(grad_w) + 1e-8), rtol=1e-4, atol=1e-6)
