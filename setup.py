@@ -32,6 +32,7 @@ setuptools.setup(
         "pillow",
         "matplotlib",
         "tensorboardX",
+        "tqdm",  # The progress bar in terminals and notebooks (tqdm.auto).
     ],
     extras_require={
         # tfds catalog datasets (cifar10, ...) are prepared through TensorFlow.

@@ -40,13 +40,14 @@ def parse_arg(arg: str | None) -> tuple[list[str], dict[str, Any]]:
       continue
     if "=" in token:
       key, value = token.split("=", 1)
-      overrides[key.strip()] = _literal(value.strip())
+      overrides[key.strip()] = literal(value.strip())
     else:
       presets.append(token)
   return presets, overrides
 
 
-def _literal(value: str) -> Any:
+def literal(value: str) -> Any:
+  """`value` as a Python literal, or the string itself for a bare word (`protocol=mtt`)."""
   try:
     return ast.literal_eval(value)
   except (ValueError, SyntaxError):
@@ -109,11 +110,38 @@ def update(
     if isinstance(target[leaf], ml_collections.ConfigDict) and isinstance(value, Mapping):
       update(target[leaf], value, source=source, prefix=path)
     else:
-      current = target[leaf]
-      # Accept an int literal for a float field (`lr=1`); other types stay strict.
-      if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-      target[leaf] = value
+      target[leaf] = _typed(target[leaf], value, path, source)
+
+
+def _typed(current: Any, value: Any, path: str, source: str) -> Any:
+  """`value` converted to the type of the field's `current` value, or a `ValueError` that names
+  the key and the expected type (`ipc=two`, `ipc=2.5`, `learn_label=false`).
+
+  >>> _typed(0.1, 1, "lr", "test")
+  1.0
+  >>> _typed(10, 2.5, "ipc", "config argument 'ipc=2.5'")
+  Traceback (most recent call last):
+  ...
+  ValueError: config key 'ipc' expects an int, got 2.5 (float) in config argument 'ipc=2.5'
+  """
+  if current is None or value is None or isinstance(current, ml_collections.ConfigDict):
+    return value
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)  # An int literal for a float field (`lr=1`).
+  expected = type(current)
+  if isinstance(current, bool) or isinstance(value, bool):
+    ok = isinstance(current, bool) and isinstance(value, bool)
+  else:
+    ok = isinstance(value, expected)
+  if ok:
+    return value
+  names = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a string",
+           tuple: "a tuple", list: "a list"}
+  hint = " (Python literals: True/False)" if expected is bool else ""
+  raise ValueError(
+      f"config key {path!r} expects {names.get(expected, expected.__name__)}, got {value!r} "
+      f"({type(value).__name__}) in {source}{hint}"
+  )
 
 
 def merge(*presets: Mapping[str, Any]) -> dict[str, Any]:

@@ -44,13 +44,16 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
   data.check_ipc(config.ipc)
   method = method_class(config, data)  # Validates the method's settings before any work.
   workdir = io_lib.Workdir(workdir_path)
-  workdir.write_config(config)
+  _write_config(workdir, config)
 
   timing_path = os.path.join(workdir.path, "distill_time.json")
-  # Saves are atomic (distilled.save) and the timing is written first, so a set means both.
-  if os.listdir(workdir.distilled_dir):
+  # Saves are atomic (distilled.save) and the timing is written first, so a set means both;
+  # a set without its timing (the file deleted by hand) re-reads the seconds from the last
+  # checkpoint, or distils again where the checkpoints are gone too.
+  timing = _read_json_or_none(timing_path)
+  if os.listdir(workdir.distilled_dir) and timing is not None:
     distilled_set = distilled_lib.load(workdir.distilled_dir)
-    distill_seconds = _read_json(timing_path)["seconds"]
+    distill_seconds = timing["seconds"]
     logging.info("Found the finished distilled set in %s; skipping distillation.",
                  workdir.distilled_dir)
   else:
@@ -58,8 +61,10 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
     distilled_set, distill_seconds = result.distilled_set, result.seconds
     _write_json(timing_path, {"seconds": distill_seconds,
                               "compile_seconds": result.compile_seconds, "steps": result.steps})
-    distilled_lib.save(workdir.distilled_dir, distilled_set)
+    if not os.listdir(workdir.distilled_dir):  # A saved set stays as it is.
+      distilled_lib.save(workdir.distilled_dir, distilled_set)
 
+  _warn_if_blown_up(distilled_set, data, method)
   baselines = {"random_subset": random_subset_set(data, distilled_set.meta.ipc, seed=config.seed)}
   baselines.update(method.baselines())
   if not config.eval.random_subset:
@@ -84,6 +89,9 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
     data.check_ipc(config.ipc)
     distilled_set = random_subset_set(data, config.ipc, seed=config.seed)
   else:
+    if os.path.isdir(os.path.join(config.source, "distilled")):
+      raise ValueError(f"source={config.source} is a run folder; pass its set: "
+                       f"source={os.path.join(config.source, 'distilled')}")
     distilled_set = distilled_lib.load(config.source)
     if distilled_set.meta.dataset != config.dataset:
       raise ValueError(
@@ -91,7 +99,7 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
           f"config evaluates on {config.dataset!r}; pass dataset={distilled_set.meta.dataset}"
       )
   workdir = io_lib.Workdir(workdir_path)
-  workdir.write_config(config)
+  _write_config(workdir, config)
   baselines = {}
   if config.eval.random_subset and distilled_set.meta.method != "random":
     baselines["random_subset"] = random_subset_set(data, distilled_set.meta.ipc, seed=config.seed)
@@ -101,11 +109,24 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
     full = distilled_lib.PixelSet(data.x_train, data.y_train, meta=data.set_meta("full_data", 1))
     report["full_data"] = {
         name: _cached_evaluation(workdir, f"{name}_full_data", lambda name=name: _evaluate(
-            config, name, full, data, full_data=True))
+            config, name, full, data, full_data=True), _settings(config, name, full_data=True))
         for name in protocols
     }
     workdir.write_report(report)
   return report
+
+
+def _warn_if_blown_up(distilled_set, data: data_lib.RealData, method) -> None:
+  """Warns when the set's inputs left the data's range by orders of magnitude (a too-large outer
+  lr makes values up to 1e9 with finite losses: no divergence, but a useless set)."""
+  x, _ = distilled_set.preview()
+  peak = float(np.max(np.abs(np.asarray(x))))
+  real = float(np.max(np.abs(data.x_train[:1000])))
+  if peak > 100 * max(real, 1e-6):
+    logging.warning(
+        "the distilled inputs reach |x| = %.3g, %.0fx the real data's largest value (%.3g): the "
+        "set has likely blown up; %s", peak, peak / max(real, 1e-6), real,
+        method.divergence_hint())
 
 
 def random_subset_set(data: data_lib.RealData, ipc: int, *, seed: int) -> distilled_lib.PixelSet:
@@ -131,6 +152,15 @@ def _protocol(config, name: str, *, full_data: bool = False) -> evaluation.Proto
   return evaluation.get_protocol(name, **overrides)
 
 
+def _write_config(workdir: io_lib.Workdir, config: ml_collections.ConfigDict) -> None:
+  # Evaluation settings do not touch the distillation: a rerun may change them, and every
+  # evaluation whose settings changed runs again (see `_cached_evaluation`).
+  changed = workdir.write_config(config, may_change=("eval", "full_data_overrides"))
+  if changed:
+    logging.info("Evaluation settings changed (%s); evaluations that depend on them run again.",
+                 ", ".join(changed))
+
+
 def _evaluate(config, name: str, training_set, data, *, full_data: bool = False) -> dict:
   result = evaluation.evaluate(
       training_set, _protocol(config, name, full_data=full_data), data.x_test, data.y_test,
@@ -139,11 +169,28 @@ def _evaluate(config, name: str, training_set, data, *, full_data: bool = False)
   return result.to_dict()
 
 
-def _cached_evaluation(workdir: io_lib.Workdir, name: str, run: Callable[[], dict]) -> dict:
+def _settings(config, name: str, *, full_data: bool = False) -> dict[str, Any]:
+  """What an evaluation's result depends on besides the set: its cache key in `eval/*.json`."""
+  return {"protocol": repr(_protocol(config, name, full_data=full_data)),
+          "num_models": config.eval.num_models, "seed": config.seed}
+
+
+def _cached_evaluation(workdir: io_lib.Workdir, name: str, run: Callable[[], dict],
+                       settings: dict[str, Any]) -> dict:
+  """`eval/<name>.json` when it was written with `settings`, else `run()` (written there).
+
+  A file from other settings, or one that is not valid JSON, is evaluated again (logged).
+  """
   path = os.path.join(workdir.path, "eval", f"{name}.json")
   if os.path.exists(path):
-    return _read_json(path)
-  result = run()
+    cached = _read_json_or_none(path)
+    if cached is None:
+      logging.warning("%s is not valid JSON; evaluating %s again.", path, name)
+    elif cached.get("settings", settings) == settings:
+      return cached
+    else:
+      logging.info("%s was evaluated with other settings; evaluating it again.", name)
+  result = {**run(), "settings": settings}
   _write_json(path, result)
   logging.info("%s: %.2f%% +- %.2f over %d networks", name, 100 * result["mean"],
                100 * result["std"], result["n"])
@@ -164,11 +211,13 @@ def _evaluate_and_report(config, data, distilled_set, baselines: dict, protocols
                          workdir: io_lib.Workdir, distill_seconds: float) -> dict[str, Any]:
   evaluations = {}
   for name in protocols:
+    settings = _settings(config, name)
     entry = {"accuracy": _cached_evaluation(
-        workdir, name, lambda name=name: _evaluate(config, name, distilled_set, data))}
+        workdir, name, lambda name=name: _evaluate(config, name, distilled_set, data), settings)}
     for key, baseline in baselines.items():
       entry[key] = _cached_evaluation(
-          workdir, f"{name}_{key}", lambda name=name, b=baseline: _evaluate(config, name, b, data))
+          workdir, f"{name}_{key}", lambda name=name, b=baseline: _evaluate(config, name, b, data),
+          settings)
     evaluations[name] = entry
   _write_images(data, distilled_set, baselines.get("random_subset"), workdir)
 
@@ -211,14 +260,15 @@ def _write_images(data, distilled_set, subset, workdir: io_lib.Workdir) -> None:
                      np.asarray(labels), class_names=data.class_names)
 
 
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def _read_json_or_none(path: str) -> Any:
+  """The JSON value in `path`, or None when the file is missing or not valid JSON."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    return None
 
 
 def _write_json(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)  # Atomic: a kill never leaves half a file behind.
+  # Atomic: a kill never leaves half a file behind.
+  io_lib.atomic_write_text(path, json.dumps(value, indent=2) + "\n")

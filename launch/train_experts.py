@@ -9,24 +9,17 @@ Rerunning the command after a kill resumes; on a complete buffer it only prints 
 """
 
 import json
-import logging as logging_std
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from distill_jax import data as data_lib
-from distill_jax.registry import UnknownNameError
 from distill_jax.training import experts
+from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A method config with an `experts` block, e.g. configs/mtt.py:cifar10,ipc=10",
-    lock_config=True,
-)
 _BUFFER_DIR = flags.DEFINE_string(
     "buffer_dir", None, "Buffer directory; default: the cache directory of the expert settings."
 )
-flags.mark_flags_as_required(["config"])
+flags.adopt_module_key_flags(common)
 
 
 def train(config, buffer_dir: str | None) -> experts.TrajectoryBuffer:
@@ -49,27 +42,5 @@ def train(config, buffer_dir: str | None) -> experts.TrajectoryBuffer:
   return buffer
 
 
-class _QuietOrbax(logging_std.Filter):
-  """Keeps Orbax's INFO lines (several per saved epoch) out of the log; warnings still show."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  from distill_jax.data import DataNotFoundError
-  from distill_jax.io import CheckpointError
-
-  try:
-    buffer = train(_CONFIG.value, _BUFFER_DIR.value)
-  except (ValueError, UnknownNameError, DataNotFoundError, CheckpointError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-  print(buffer.path)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  common.run(lambda config: print(train(config, _BUFFER_DIR.value).path), __doc__)

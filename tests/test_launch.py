@@ -94,31 +94,6 @@ def test_a_kill_after_the_timing_was_written_reruns_to_completion(dm_run, tmp_pa
   assert steps == [10, 20, 30]
 
 
-@pytest.mark.parametrize(
-    "config, message",
-    [
-        ("configs/frepo.py:smoke,outer.order=v3", "unknown config.outer.order 'v3'"),
-        ("configs/dm.py:smoke,outer.real_batch_size=500",
-         "config.outer.real_batch_size=500 exceeds the"),
-        ("configs/dc.py:nope", "unknown preset 'nope'"),
-    ],
-)
-def test_bad_method_settings_fail_before_any_work(tmp_path, config, message):
-  result = _launch("distill", config, tmp_path / "run")
-  assert result.returncode != 0
-  assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Nothing was started.
-
-
-def test_train_experts_refuses_a_config_without_experts(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.train_experts", "--config=configs/frepo.py:smoke"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-  )
-  assert result.returncode != 0
-  assert "has no `experts` block" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
 def random_baseline(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("random")

@@ -1,5 +1,6 @@
 """Run outputs: the workdir layout, Orbax checkpoints, metric writers and image grids."""
 
+from distill_jax.io._atomic import atomic_write, atomic_write_text
 from distill_jax.io.checkpoint import CheckpointError, Checkpointer
 from distill_jax.io.images import grid_layout, save_grid, save_heatmap
 from distill_jax.io.metrics import MetricWriter, ProgressLogger, format_duration, read_metrics
@@ -12,6 +13,8 @@ __all__ = [
     "MetricWriter",
     "ProgressLogger",
     "Workdir",
+    "atomic_write",
+    "atomic_write_text",
     "format_duration",
     "grid_layout",
     "read_metrics",

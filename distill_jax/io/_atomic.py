@@ -1,13 +1,23 @@
 """Atomic file writes: write a sibling temporary file, then `os.replace` it over the target.
 
 `os.replace` is atomic on POSIX and Windows within one filesystem, so a reader (or a rerun after
-a kill) sees the old file or the new one, never a half-written one.
+a kill) sees the old file or the new one, never a half-written one. The file gets the permissions
+an ordinary `open(path, "w")` would give it (0666 less the umask; `mkstemp` alone gives 0600).
 """
 
 import os
 import tempfile
 from collections.abc import Callable
 from typing import IO
+
+
+def _read_umask() -> int:
+  mask = os.umask(0)  # The only way to read it; set back at once, at import (one thread).
+  os.umask(mask)
+  return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -23,6 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
       write(f)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp_path, _FILE_MODE)
     os.replace(tmp_path, path)
   except BaseException:
     # Not swallowed: the temporary file is removed and the error propagates.

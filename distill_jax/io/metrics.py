@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 import tensorboardX
+import tqdm.auto
 from absl import logging
 
 from distill_jax.io._atomic import atomic_write_text
@@ -160,19 +162,29 @@ def format_duration(seconds: float) -> str:
   return f"{secs}s"
 
 
+def _watched() -> bool:
+  """Whether a person watches: a terminal on stderr, or a Jupyter kernel (where absl's INFO
+  lines do not show)."""
+  return "ipykernel" in sys.modules or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+
+
 class ProgressLogger:
   """Logs (absl, INFO) step, loss and other scalars, steps/s and ETA every `every` steps.
 
-  The rate is measured over the steps since the previous log line (the first interval includes
-  compilation). Scalars may be jax values; they are only fetched on the steps that are logged.
+  The rate is measured over the steps since the previous log line (create the logger after
+  compiling, as the run loop does, so that the ETA leaves the compilation out). Scalars may be
+  jax values; they are only fetched on the steps that are logged. Where a person watches (a
+  terminal, a notebook) a `tqdm` progress bar shows the same figures; `close()` ends it.
 
   Args:
     total_steps: the step count of the whole run.
     every: log when `step % every == 0`, on the first logged call and on the last step.
     start_step: the step a resumed run starts from (rates count from there).
+    bar: show the progress bar; default: where a person watches.
   """
 
-  def __init__(self, total_steps: int, *, every: int = 100, start_step: int = 0):
+  def __init__(self, total_steps: int, *, every: int = 100, start_step: int = 0,
+               bar: bool | None = None):
     if every < 1:
       raise ValueError(f"ProgressLogger every must be >= 1, got {every}")
     self.total_steps = int(total_steps)
@@ -180,6 +192,15 @@ class ProgressLogger:
     self._last_step = int(start_step)
     self._last_time = time.perf_counter()
     self._logged_once = False
+    show = _watched() if bar is None else bar
+    self._bar = (tqdm.auto.tqdm(total=self.total_steps, initial=self._last_step, unit="step",
+                                dynamic_ncols=True) if show else None)
+
+  def close(self) -> None:
+    """Ends the progress bar (if shown)."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
   def should_log(self, step: int) -> bool:
     """Whether `log(step, ...)` would write a line."""
@@ -206,5 +227,8 @@ class ProgressLogger:
     elapsed = now - self._last_time
     rate = (step - self._last_step) / elapsed if elapsed > 0 else math.inf
     logging.info("%s", self.line(step, scalars, rate))
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix({name: f"{_scalar(name, v):.4g}" for name, v in scalars.items()})
     self._last_step, self._last_time, self._logged_once = step, now, True
     return True

@@ -51,19 +51,20 @@ def _to_jsonable(value: Any, where: str) -> Any:
   )
 
 
-def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+def _differences(old: Any, new: Any, where: str = "") -> list[tuple[str, str]]:
+  """(dotted key, description) of every difference between two JSON configs."""
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
     for key in sorted(set(old) | set(new)):
       sub = f"{where}.{key}" if where else key
       if key not in old:
-        out.append(f"{sub} added")
+        out.append((sub, f"{sub} added"))
       elif key not in new:
-        out.append(f"{sub} removed")
+        out.append((sub, f"{sub} removed"))
       else:
         out.extend(_differences(old[key], new[key], sub))
     return out
-  return [] if old == new else [f"{where or 'config'}: {old!r} -> {new!r}"]
+  return [] if old == new else [(where, f"{where or 'config'}: {old!r} -> {new!r}")]
 
 
 def _read_json(path: str, what: str, fix: str) -> Any:
@@ -81,23 +82,40 @@ class Workdir:
 
   >>> import tempfile, ml_collections
   >>> wd = Workdir(tempfile.mkdtemp())
-  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 10, "lr": 3e-4}))
-  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 10, "lr": 3e-4}))  # a rerun: fine
-  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 50, "lr": 3e-4}))  # doctest: +ELLIPSIS
+  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 10, "eval": {"n": 5}}))
+  []
+  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 10, "eval": {"n": 5}}))  # a rerun: fine
+  []
+  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 10, "eval": {"n": 3}}),
+  ...                 may_change=("eval",))  # accepted and rewritten
+  ['eval.n: 5 -> 3']
+  >>> wd.write_config(ml_collections.ConfigDict({"ipc": 50, "eval": {"n": 3}}))  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
   distill_jax.io.workdir.ConfigMismatchError: ... holds a different config (ipc: 10 -> 50); ...
   """
 
   def __init__(self, path: str | os.PathLike):
-    self.path = os.path.abspath(os.fspath(path))
-    for directory in (
-        self.tensorboard_dir,
-        self.checkpoint_dir,
-        self.images_dir,
-        self.distilled_dir,
-    ):
-      os.makedirs(directory, exist_ok=True)
+    """Creates the folder `path` (`~` expanded) and its subfolders.
+
+    Raises:
+      ValueError: `path` is empty, is a file, or cannot be written (the message names the fix).
+    """
+    if not os.fspath(path).strip():
+      raise ValueError("the workdir is empty; pass a folder for the run, e.g. --workdir=runs/my_run")
+    self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise ValueError(f"workdir {self.path} is a file, not a folder; pass a folder for the run")
+    try:
+      for directory in (self.tensorboard_dir, self.checkpoint_dir, self.images_dir,
+                        self.distilled_dir):
+        os.makedirs(directory, exist_ok=True)
+    except (NotADirectoryError, FileExistsError) as e:
+      raise ValueError(f"cannot create the workdir {self.path}: {e.filename} is a file; pass "
+                       "another --workdir") from None
+    if not os.access(self.path, os.W_OK) or not os.access(self.checkpoint_dir, os.W_OK):
+      raise ValueError(f"workdir {self.path} is not writable; pass a writable --workdir or fix "
+                       "its permissions")
 
   def __repr__(self) -> str:
     return f"Workdir({self.path!r})"
@@ -130,27 +148,40 @@ class Workdir:
   def report_path(self) -> str:
     return os.path.join(self.path, "report.json")
 
-  def write_config(self, config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
+  def write_config(self, config: ml_collections.ConfigDict | Mapping[str, Any], *,
+                   may_change: tuple[str, ...] = ()) -> list[str]:
     """Writes `config` to `config.json`, or checks it equals the one already there.
 
+    Args:
+      config: the run's config.
+      may_change: top-level blocks a rerun may change (e.g. `("eval",)`: evaluation settings
+        do not touch what was distilled); such a change rewrites `config.json`.
+
+    Returns:
+      The differences from the stored config that were accepted (empty for a new or equal one).
+
     Raises:
-      ConfigMismatchError: `config.json` exists and holds a different config (a rerun must use
-        the same config to resume; a new experiment needs a new workdir).
+      ConfigMismatchError: `config.json` exists and holds a different config outside
+        `may_change` (a rerun must use the same config to resume; a new experiment needs a new
+        workdir).
     """
     new = _to_jsonable(config, "")
+    diffs = []
     if os.path.exists(self.config_path):
       old = _read_json(self.config_path, "config", "rerun")
-      if old != new:
-        diffs = _differences(old, new)
-        shown = ", ".join(diffs[:5]) + (
+      diffs = _differences(old, new)
+      if any(key.split(".")[0] not in may_change for key, _ in diffs):
+        shown = ", ".join(text for _, text in diffs[:5]) + (
             f", ... ({len(diffs)} differences)" if len(diffs) > 5 else ""
         )
         raise ConfigMismatchError(
             f"workdir {self.path} holds a different config ({shown}); rerun with the same config "
             "to resume, or pass a new --workdir for a new experiment"
         )
-      return
+      if not diffs:
+        return []
     atomic_write_text(self.config_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    return [text for _, text in diffs]
 
   def read_config(self) -> dict[str, Any]:
     """The config stored in `config.json` as a plain dict."""

@@ -148,7 +148,21 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
   return RunResult(method.result(state), total, compile_seconds, num_steps)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during the run; the message says where it stopped and what the checkpoints keep."""
+
+
 def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *, seconds):
+  where = {"step": done, "checkpoint": done or None}
+  try:
+    return _steps(method, state, done, checkpointer, writer, seconds=seconds, where=where)
+  except KeyboardInterrupt:
+    kept = (f"the checkpoint of step {where['checkpoint']} is kept" if where["checkpoint"]
+            else "no checkpoint was written yet")
+    raise Interrupted(f"at step {where['step']} of {method.num_steps}; {kept}") from None
+
+
+def _steps(method: DistillMethod, state, done: int, checkpointer, writer, *, seconds, where):
   config = method.config
   num_steps = method.num_steps
   traces = []
@@ -167,22 +181,26 @@ def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *,
     progress = io_lib.ProgressLogger(num_steps, every=config.log_every, start_step=done)
     last_checkpoint = done or None
     pending = None  # (step, metrics) of the step before the one in flight.
-    for step in range(done + 1, num_steps + 1):
-      future = reader.submit(method.inputs, step + 1) if step < num_steps else None
-      state, metrics = step_fn(state, inputs)
-      if pending is not None:
-        check_finite(method, *pending, last_checkpoint)
-      pending = (step, metrics)
-      is_last = step == num_steps
-      if step % config.log_every == 0 or is_last:
-        host = check_finite(method, step, metrics, last_checkpoint)
-        writer.write(step, **host, step_traces=len(traces))
-        progress.log(step, **{name: host[name] for name in method.watched})
-      if step % config.checkpoint_every == 0 or is_last:
-        check_finite(method, step, metrics, last_checkpoint)  # Never save a diverged state.
-        check_state_finite(method, step, state, last_checkpoint)
-        checkpointer.save(step, {"state": state, "seconds": np.asarray(seconds(), np.float64)})
-        last_checkpoint = step
-      if future is not None:
-        inputs = future.result()
+    try:
+      for step in range(done + 1, num_steps + 1):
+        where["step"] = step
+        future = reader.submit(method.inputs, step + 1) if step < num_steps else None
+        state, metrics = step_fn(state, inputs)
+        if pending is not None:
+          check_finite(method, *pending, last_checkpoint)
+        pending = (step, metrics)
+        is_last = step == num_steps
+        if step % config.log_every == 0 or is_last:
+          host = check_finite(method, step, metrics, last_checkpoint)
+          writer.write(step, **host, step_traces=len(traces))
+          progress.log(step, **{name: host[name] for name in method.watched})
+        if step % config.checkpoint_every == 0 or is_last:
+          check_finite(method, step, metrics, last_checkpoint)  # Never save a diverged state.
+          check_state_finite(method, step, state, last_checkpoint)
+          checkpointer.save(step, {"state": state, "seconds": np.asarray(seconds(), np.float64)})
+          last_checkpoint = where["checkpoint"] = step
+        if future is not None:
+          inputs = future.result()
+    finally:
+      progress.close()
   return state, compile_seconds

@@ -79,7 +79,9 @@ def gaussian_kl(mean_p: jax.Array, cov_p: jax.Array, mean_q: jax.Array, cov_q: j
   floor `C * eps` (6.1e-5 for 512 float32 channels, 1.1e-13 in float64) keeps the Cholesky
   factorisation finite for singular covariances, e.g. a distilled batch with fewer samples than
   channels, for which the unjittered KL is infinite. (An all-zero covariance has no scale to
-  jitter and gives NaN.)
+  jitter and gives NaN.) A matrix that is not positive semi-definite (a negative eigenvalue
+  larger than the jitter, e.g. a covariance assembled by hand) fails its Cholesky factorisation
+  and gives NaN; it is not checked, as the values are traced.
 
   The real side's factor is the constant part of the D3S loss; this function refactorises it on
   each call (`C^3 / 3` flops, small next to the network's forward pass).

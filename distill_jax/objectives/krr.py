@@ -31,6 +31,14 @@ def _check_features(feat_target: jax.Array, feat_support: jax.Array,
         f"{y_support.shape}; one-hot encode integer labels first.")
 
 
+def _check_ridge(reg, reg_floor) -> None:
+  # Concrete values only (traced ones pass): a negative ridge makes K_ss + lam I indefinite, and
+  # the Cholesky solve then returns NaN instead of failing.
+  for name, value in (("reg", reg), ("reg_floor", reg_floor)):
+    if isinstance(value, (int, float)) and value < 0:
+      raise ValueError(f"{name}={value} is negative; the ridge must be >= 0 (FRePo: reg=1e-6)")
+
+
 def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.Array, *,
                 reg: float | jax.Array = 1e-6, reg_floor: float | jax.Array = 1.0) -> jax.Array:
   r"""KRR prediction with the conjugate (feature inner-product) kernel, FRePo Eq. 2.
@@ -63,7 +71,11 @@ def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.
     `(n_t, C)` predicted targets.
 
   Raises:
-    ValueError: if the shapes do not match.
+    ValueError: if the shapes do not match, or a concrete `reg` or `reg_floor` is negative.
+
+  NaN on degenerate input (not checked: the values are traced): all-zero support features give
+  `tr(K_ss) = 0`, hence a zero ridge and a singular system; with `reg_floor = 0` and `reg = 0`,
+  fewer feature dimensions than support rows do the same.
 
   Example:
     >>> import jax.numpy as jnp
@@ -74,6 +86,7 @@ def krr_predict(feat_target: jax.Array, feat_support: jax.Array, y_support: jax.
     [[2. 0.]]
   """
   _check_features(feat_target, feat_support, y_support)
+  _check_ridge(reg, reg_floor)
   n_s, d = feat_support.shape
   dtype = jnp.result_type(feat_target, feat_support, y_support)
   eps = jnp.finfo(dtype).eps
@@ -118,6 +131,7 @@ def krr_loss(feat_target: jax.Array, y_target: jax.Array, feat_support: jax.Arra
     >>> print(round(float(krr_loss(eye, eye, eye, eye, reg=0.0)), 6))
     0.0
   """
+  _check_features(feat_target, feat_support, y_support)  # Before y_target: name the real culprit.
   if y_target.shape != (feat_target.shape[0], y_support.shape[-1]):
     raise ValueError(
         f"y_target must be (n_target, num_classes) = ({feat_target.shape[0]}, "

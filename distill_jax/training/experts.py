@@ -200,6 +200,7 @@ def expert_spec(config: ml_collections.ConfigDict, data) -> ExpertSpec:
   momentum, weight_decay, batch_size, dsa_strategy, experts_per_shard, seed}`.
   """
   e = config.experts
+  _check_count(e.num_experts)  # Before it bounds experts_per_shard below.
   return ExpertSpec.create(
       data,
       preprocessing=config.preprocessing,
@@ -245,13 +246,16 @@ def ensure_buffer(config: ml_collections.ConfigDict, data) -> TrajectoryBuffer:
   return train_experts(spec, data, path, num_experts=config.experts.num_experts)
 
 
-# ----------------------------------------------------------------------------------------------
 # Training.
 
 
-def _check_trainable(spec: ExpertSpec, num_experts: int) -> None:
+def _check_count(num_experts: int) -> None:
   if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
     raise ValueError(f"experts.num_experts must be a positive int, got {num_experts!r}")
+
+
+def _check_trainable(spec: ExpertSpec, num_experts: int) -> None:
+  _check_count(num_experts)
   if num_experts % spec.experts_per_shard:
     raise ValueError(
         f"experts.num_experts={num_experts} is not a multiple of experts.experts_per_shard="
@@ -355,7 +359,6 @@ def _metrics(trainer: Trainer, state, data, mean_loss: np.ndarray) -> dict[str, 
           "test_accuracy": np.asarray(accuracy, np.float32)}
 
 
-# ----------------------------------------------------------------------------------------------
 # Reading.
 
 
@@ -456,7 +459,6 @@ class TrajectoryBuffer:
     }
 
 
-# ----------------------------------------------------------------------------------------------
 # Files.
 
 
