@@ -298,3 +298,25 @@ def test_no_tpu_probe_line_on_cpu(finished):
   result = _launch("distill", f"--config={DM}", f"--workdir={finished}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Unable to initialize backend" not in result.stderr
+
+
+def test_a_blown_up_set_is_reported_with_the_fix(tmp_path):
+  # lr 1e6 keeps every loss finite (no divergence stop) but drives the pixels to ~1e5.
+  result = _launch("distill", f"--config={DM},outer.lr=1e6,eval.num_models=1",
+                   f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "the set has likely blown up; lower outer.lr (now 1000000.0)" in result.stderr
+
+
+def test_a_full_disk_is_one_line_that_says_the_rerun_resumes():
+  # No test can fill the disk; the launcher's handler gets the error a full disk raises.
+  import errno
+
+  from launch import common
+
+  message = common.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/r/ckpt"))
+  assert message == ("the disk is full (writing /r/ckpt); free some space and rerun the same "
+                     "command: it resumes from the last checkpoint")
+  assert "pass a writable --workdir" in common.os_error_message(
+      PermissionError(errno.EACCES, "Permission denied", "/r"))
+  assert common.os_error_message(OSError(errno.EIO, "I/O error")) is None  # Not ours: traceback.
