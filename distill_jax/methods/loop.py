@@ -149,20 +149,10 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
 
 
 class Interrupted(KeyboardInterrupt):
-  """Ctrl-C during the run; the message says where it stopped and what the checkpoints keep."""
+  """Ctrl-C during the steps; the message says where it stopped and what the checkpoints keep."""
 
 
 def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *, seconds):
-  where = {"step": done, "checkpoint": done or None}
-  try:
-    return _steps(method, state, done, checkpointer, writer, seconds=seconds, where=where)
-  except KeyboardInterrupt:
-    kept = (f"the checkpoint of step {where['checkpoint']} is kept" if where["checkpoint"]
-            else "no checkpoint was written yet")
-    raise Interrupted(f"at step {where['step']} of {method.num_steps}; {kept}") from None
-
-
-def _steps(method: DistillMethod, state, done: int, checkpointer, writer, *, seconds, where):
   config = method.config
   num_steps = method.num_steps
   traces = []
@@ -181,9 +171,9 @@ def _steps(method: DistillMethod, state, done: int, checkpointer, writer, *, sec
     progress = io_lib.ProgressLogger(num_steps, every=config.log_every, start_step=done)
     last_checkpoint = done or None
     pending = None  # (step, metrics) of the step before the one in flight.
+    step = done
     try:
       for step in range(done + 1, num_steps + 1):
-        where["step"] = step
         future = reader.submit(method.inputs, step + 1) if step < num_steps else None
         state, metrics = step_fn(state, inputs)
         if pending is not None:
@@ -198,9 +188,13 @@ def _steps(method: DistillMethod, state, done: int, checkpointer, writer, *, sec
           check_finite(method, step, metrics, last_checkpoint)  # Never save a diverged state.
           check_state_finite(method, step, state, last_checkpoint)
           checkpointer.save(step, {"state": state, "seconds": np.asarray(seconds(), np.float64)})
-          last_checkpoint = where["checkpoint"] = step
+          last_checkpoint = step
         if future is not None:
           inputs = future.result()
+    except KeyboardInterrupt:
+      kept = (f"the checkpoint of step {last_checkpoint} is kept" if last_checkpoint
+              else "no checkpoint was written yet")
+      raise Interrupted(f"at step {step} of {num_steps}; {kept}") from None
     finally:
       progress.close()
   return state, compile_seconds

@@ -5,15 +5,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
-from distill_jax.distilled import PixelSet, SetMeta
 from distill_jax.evaluation import EvalResult, check_set, evaluate, get_protocol
 from distill_jax.models import get_model
 from distill_jax.registry import UnknownNameError
 from distill_jax.training import Trainer
+from tests.digits_sets import NUM_CLASSES, digits_arrays, pixel_set, subset
 
-NUM_CLASSES = 10
 # Tiny networks and two cheap DSA ops: each evaluation compiles in seconds.
 PROTOCOL = get_protocol("mtt", steps=8, batch_size=16, width=4, depth=1, test_batch_size=7,
                         aug_strategy="flip_crop")
@@ -21,21 +19,7 @@ PROTOCOL = get_protocol("mtt", steps=8, batch_size=16, width=4, depth=1, test_ba
 
 @pytest.fixture(scope="module")
 def digits():
-  data = load_digits()
-  x = (data.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1) in [0, 1].
-  return x, data.target.astype(np.int32)
-
-
-def subset(digits, per_class, offset=0):
-  x, y = digits
-  idx = np.concatenate([np.flatnonzero(y == c)[offset:offset + per_class] for c in range(10)])
-  return x[idx], y[idx]
-
-
-def pixel_set(x, y, label_kind="class_ids", lr=None):
-  meta = SetMeta(method="test", dataset="digits", ipc=2, num_classes=NUM_CLASSES,
-                 image_shape=(8, 8, 1), label_kind=label_kind)
-  return PixelSet(x, y, lr=lr, meta=meta)
+  return digits_arrays()
 
 
 def numpy_accuracies(protocol, state, x_test, y_test):

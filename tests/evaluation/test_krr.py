@@ -9,6 +9,7 @@ import pytest
 from distill_jax.distilled import PixelSet, SetMeta
 from distill_jax.evaluation import krr_accuracy, krr_evaluate
 from distill_jax.training import Recipe, Trainer
+from tests.references import numpy_krr
 
 
 class Linear(nn.Module):
@@ -21,14 +22,6 @@ class Linear(nn.Module):
     features = x.reshape((x.shape[0], -1))
     logits = nn.Dense(self.num_classes)(features)
     return (logits, {"penultimate": features, "blocks": ()}) if return_features else logits
-
-
-def numpy_krr(feat_target, feat_support, y_support, reg):
-  """FRePo Eq. 2 in float64: K_ts (K_ss + reg * tr(K_ss) / n I)^-1 Y_s."""
-  k_ss = feat_support @ feat_support.T
-  n = k_ss.shape[0]
-  alpha = np.linalg.solve(k_ss + reg * np.trace(k_ss) / n * np.eye(n), y_support)
-  return feat_target @ feat_support.T @ alpha
 
 
 def flat(x):

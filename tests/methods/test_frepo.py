@@ -14,17 +14,10 @@ from distill_jax import evaluation
 from distill_jax import io as io_lib
 from distill_jax import methods
 from distill_jax.methods import frepo
+from tests.references import numpy_krr
 
 # The smoke preset with a smaller pool and real batch: the in-process steps compile faster.
 TINY = "smoke,pool.width=4,pool.size=3,outer.real_batch_size=32"
-
-
-def _numpy_krr(feat_target, feat_support, y_support, reg):
-  """FRePo Eq. 2 in float64: K_ts (K_ss + reg * tr(K_ss) / n I)^-1 Y_s."""
-  k_ss = feat_support @ feat_support.T
-  n = k_ss.shape[0]
-  alpha = np.linalg.solve(k_ss + reg * np.trace(k_ss) / n * np.eye(n), y_support)
-  return feat_target @ feat_support.T @ alpha
 
 
 def _numpy_margin(y):
@@ -91,7 +84,7 @@ def test_frepo_loss_matches_numpy(use_flip, reg_floor):
     y_support = np.concatenate([y_syn, y_syn])
   # The ridge is floored at reg_floor * n_s * float32 eps (1e5 * 6 * 1.2e-7 = 0.07 > reg).
   reg_effective = max(reg, reg_floor * len(x_support) * np.finfo(np.float32).eps)
-  pred = _numpy_krr(
+  pred = numpy_krr(
       feat_real.astype(np.float64), flatten(x_support).astype(np.float64), y_support,
       reg_effective,
   )

@@ -8,21 +8,13 @@ from jax.test_util import check_grads
 
 from distill_jax.objectives import krr_loss
 from distill_jax.objectives import krr_predict
+from tests.references import numpy_krr
 
 
 def _relu_features(rng: np.random.Generator, n: int, d: int, rank: int = 8) -> np.ndarray:
   """Low-rank ReLU features with a shared positive offset, like a network's penultimate layer."""
   weights = rng.normal(size=(rank, d)) / np.sqrt(rank)
   return np.maximum(rng.normal(size=(n, rank)) @ weights, 0.0) + 0.5
-
-
-def _numpy_krr(feat_target, feat_support, y_support, reg):
-  feat_target, feat_support, y_support = (np.asarray(a, np.float64)
-                                          for a in (feat_target, feat_support, y_support))
-  k_ss = feat_support @ feat_support.T
-  ridge = reg * np.trace(k_ss) / len(feat_support)
-  alpha = np.linalg.solve(k_ss + ridge * np.eye(len(feat_support)), y_support)
-  return feat_target @ feat_support.T @ alpha
 
 
 @pytest.mark.parametrize("n_support,dim", [(12, 40), (40, 12)])  # dual and primal forms
@@ -34,7 +26,7 @@ def test_krr_predict_matches_numpy_float32(n_support, dim):
   got = jax.jit(lambda *a: krr_predict(*a, reg=1e-2))(
       *(jnp.asarray(a, jnp.float32) for a in (feat_target, feat_support, y_support)))
   assert got.dtype == jnp.float32 and got.shape == (9, 3)
-  np.testing.assert_allclose(got, _numpy_krr(feat_target, feat_support, y_support, 1e-2),
+  np.testing.assert_allclose(got, numpy_krr(feat_target, feat_support, y_support, 1e-2),
                              rtol=2e-4, atol=2e-4)
 
 
@@ -67,7 +59,7 @@ def test_krr_float32_finite_and_accurate_when_support_outnumbers_features():
   assert np.all(np.isfinite(got))
   # float32 raises the ridge to the documented floor n_s * eps; compare with that exact solve.
   reg_eff = 300 * np.finfo(np.float32).eps
-  want = _numpy_krr(feat_target, feat_support, y_support, reg_eff)
+  want = numpy_krr(feat_target, feat_support, y_support, reg_eff)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
 
 
@@ -89,7 +81,7 @@ def test_krr_loss_matches_numpy():
   y_target, y_support = rng.normal(size=(8, 3)), rng.normal(size=(6, 3))
   got = jax.jit(lambda *a: krr_loss(*a, reg=1e-2))(
       *(jnp.asarray(a, jnp.float32) for a in (feat_target, y_target, feat_support, y_support)))
-  pred = _numpy_krr(feat_target, feat_support, y_support, 1e-2)
+  pred = numpy_krr(feat_target, feat_support, y_support, 1e-2)
   want = np.mean(0.5 * np.sum((y_target - pred) ** 2, axis=1))
   np.testing.assert_allclose(got, want, rtol=1e-4)
 
@@ -134,10 +126,10 @@ def test_reg_floor_scales_the_ridge_floor_and_zero_disables_it():
   predict = jax.jit(lambda floor, *a: krr_predict(*a, reg=1e-6, reg_floor=floor))
   floor_ridge = 1e4 * 12 * np.finfo(np.float32).eps  # 0.014, far above reg = 1e-6.
   high = predict(1e4, *args)
-  np.testing.assert_allclose(high, _numpy_krr(feat_target, feat_support, y_support, floor_ridge),
+  np.testing.assert_allclose(high, numpy_krr(feat_target, feat_support, y_support, floor_ridge),
                              rtol=1e-4, atol=1e-4)
   none = predict(0.0, *args)  # The same compiled program: the floor is a traced value.
-  np.testing.assert_allclose(none, _numpy_krr(feat_target, feat_support, y_support, 1e-6),
+  np.testing.assert_allclose(none, numpy_krr(feat_target, feat_support, y_support, 1e-6),
                              rtol=1e-3, atol=1e-3)
   assert not np.allclose(high, none, atol=1e-2)
   # The default floor is 1.
@@ -145,10 +137,10 @@ def test_reg_floor_scales_the_ridge_floor_and_zero_disables_it():
   with jax.enable_x64(True):
     got = krr_predict(feat_target, feat_support, y_support, reg=0.0, reg_floor=1e12)
     ridge = 1e12 * 12 * np.finfo(np.float64).eps  # 2.7e-3 in float64.
-    np.testing.assert_allclose(got, _numpy_krr(feat_target, feat_support, y_support, ridge),
+    np.testing.assert_allclose(got, numpy_krr(feat_target, feat_support, y_support, ridge),
                                rtol=1e-9, atol=1e-10)
     loss = krr_loss(feat_target, feat_target @ np.ones((30, 3)), feat_support, y_support,
                     reg=0.0, reg_floor=1e12)
-    pred = _numpy_krr(feat_target, feat_support, y_support, ridge)
+    pred = numpy_krr(feat_target, feat_support, y_support, ridge)
     want = 0.5 * np.mean(np.sum((feat_target @ np.ones((30, 3)) - pred) ** 2, axis=1))
     np.testing.assert_allclose(loss, want, rtol=1e-9)

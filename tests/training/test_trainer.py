@@ -7,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
-from distill_jax.distilled import DistilledSet, PixelSet, SetMeta, register_kind
+from distill_jax.distilled import DistilledSet, SetMeta, register_kind
 from distill_jax.evaluation import get_protocol
 from distill_jax.models import get_model
 from distill_jax.training import Recipe, Trainer, classification_accuracy, epoch_batch
+from tests.digits_sets import NUM_CLASSES, digits_arrays, pixel_set, subset
 
-NUM_CLASSES = 10
 # A ConvNet small enough to compile and train in seconds on 8x8 digits.
 TINY = {"width": 4, "depth": 1}
 # The recipes most tests share (equal trainers share compiled programs): SGD with momentum, L2
@@ -26,22 +25,7 @@ AUGMENTED = dataclasses.replace(PLAIN, augmentation="dsa", aug_strategy="flip_cr
 
 @pytest.fixture(scope="module")
 def digits():
-  data = load_digits()
-  x = (data.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1) in [0, 1].
-  return x, data.target.astype(np.int32)
-
-
-def subset(digits, per_class, offset=0):
-  """`per_class` images of each class, sorted by class (a distilled-set-like training set)."""
-  x, y = digits
-  idx = np.concatenate([np.flatnonzero(y == c)[offset:offset + per_class] for c in range(10)])
-  return x[idx], y[idx]
-
-
-def pixel_set(x, y, label_kind="class_ids", lr=None):
-  meta = SetMeta(method="test", dataset="digits", ipc=1, num_classes=NUM_CLASSES,
-                 image_shape=(8, 8, 1), label_kind=label_kind)
-  return PixelSet(jnp.asarray(x), jnp.asarray(y), lr=lr, meta=meta)
+  return digits_arrays()
 
 
 def key(seed):
