@@ -77,7 +77,7 @@ def apply_arg(
 
 
 # Config fields whose sub-keys are free-form (any key may be added by a preset or override).
-FREEFORM = ("eval.overrides", "full_data_overrides")
+FREEFORM = ("eval.overrides", "full_data_overrides", "teachers.model_kwargs")
 
 
 def update(

@@ -40,7 +40,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
   """
   method_class = methods.get_method(config.method)
   protocols = _protocol_names(config)
-  data = data_lib.load_real(config.dataset, config.preprocessing)
+  data = _load_data(config)
   data.check_ipc(config.ipc)
   method = method_class(config, data)  # Validates the method's settings before any work.
   workdir = io_lib.Workdir(workdir_path)
@@ -84,7 +84,7 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
   own IPC. With `config.full_data` the whole training set is evaluated as the upper bound too.
   """
   protocols = _protocol_names(config)
-  data = data_lib.load_real(config.dataset, config.preprocessing)
+  data = _load_data(config)
   if config.source == "random":
     data.check_ipc(config.ipc)
     distilled_set = random_subset_set(data, config.ipc, seed=config.seed)
@@ -114,6 +114,18 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
     }
     workdir.write_report(report)
   return report
+
+
+def _load_data(config: ml_collections.ConfigDict) -> data_lib.RealData:
+  """The config's dataset; with `validation_split` (configs that have it) N training images are
+  held out and evaluated on instead of the test split (for choosing hyperparameters)."""
+  return data_lib.load_real(config.dataset, config.preprocessing,
+                            validation=config.get("validation_split", 0))
+
+
+def _split_name(config: ml_collections.ConfigDict) -> str:
+  held_out = config.get("validation_split", 0)
+  return f"validation ({held_out} held-out training images)" if held_out else "test"
 
 
 def _warn_if_blown_up(distilled_set, data: data_lib.RealData, method) -> None:
@@ -209,16 +221,27 @@ def _with_storage(summary: dict[str, Any], training_set) -> dict[str, Any]:
 
 def _evaluate_and_report(config, data, distilled_set, baselines: dict, protocols: list[str],
                          workdir: io_lib.Workdir, distill_seconds: float) -> dict[str, Any]:
+  """Evaluates the set and every baseline under every protocol that can train it (a KD protocol
+  cannot train hard labels: those pairs are left out) and assembles the report. A baseline's
+  entry in the report is its accuracy under the first protocol that trained it, named there."""
   evaluations = {}
   for name in protocols:
     settings = _settings(config, name)
-    entry = {"accuracy": _cached_evaluation(
-        workdir, name, lambda name=name: _evaluate(config, name, distilled_set, data), settings)}
+    protocol = _protocol(config, name)
+    entry = {}
+    if protocol.can_train(distilled_set.label_kind):
+      entry["accuracy"] = _cached_evaluation(
+          workdir, name, lambda name=name: _evaluate(config, name, distilled_set, data), settings)
     for key, baseline in baselines.items():
-      entry[key] = _cached_evaluation(
-          workdir, f"{name}_{key}", lambda name=name, b=baseline: _evaluate(config, name, b, data),
-          settings)
+      if protocol.can_train(baseline.label_kind):
+        entry[key] = _cached_evaluation(
+            workdir, f"{name}_{key}",
+            lambda name=name, b=baseline: _evaluate(config, name, b, data), settings)
     evaluations[name] = entry
+  if "accuracy" not in evaluations[protocols[0]]:
+    raise ValueError(
+        f"the first protocol {protocols[0]!r} cannot train a set with {distilled_set.label_kind} "
+        "labels; put a protocol that can first in eval.protocols")
   _write_images(data, distilled_set, baselines.get("random_subset"), workdir)
 
   headline = evaluations[protocols[0]]
@@ -227,6 +250,7 @@ def _evaluate_and_report(config, data, distilled_set, baselines: dict, protocols
       "dataset": data.name,
       "ipc": distilled_set.meta.ipc,
       "protocol": protocols[0],
+      "split": _split_name(config),
       "accuracy": _summary(headline["accuracy"]),
       "storage_mb": distilled_lib.storage_mb(distilled_set),
       "ipc_equivalent": float(distilled_lib.ipc_equivalent(distilled_set)),
@@ -241,9 +265,16 @@ def _evaluate_and_report(config, data, distilled_set, baselines: dict, protocols
       },
   }
   for key, baseline in baselines.items():
-    report[key] = _with_storage(_summary(headline[key]), baseline)
+    first = next((name for name in protocols if key in evaluations[name]), None)
+    if first is None:
+      logging.warning("no protocol in eval.protocols can train the %s baseline (%s labels); add "
+                      "one that can (e.g. 'mtt')", key, baseline.label_kind)
+      continue
+    report[key] = {**_with_storage(_summary(evaluations[first][key]), baseline),
+                   "protocol": first, "label_kind": baseline.label_kind}
   if distilled_set.meta.method == "random":
-    report["random_subset"] = _with_storage(report["accuracy"], distilled_set)
+    report["random_subset"] = {**_with_storage(report["accuracy"], distilled_set),
+                               "protocol": protocols[0], "label_kind": distilled_set.label_kind}
   if distilled_set.training_lr() is not None:
     report["learned_lr"] = distilled_set.training_lr()
   workdir.write_report(report)

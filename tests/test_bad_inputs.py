@@ -172,6 +172,22 @@ CASES = {
                                   ("has no `experts` block",)),
     "zero_experts": Case("train_experts", ("--config=configs/mtt.py:smoke,experts.num_experts=0",),
                          ("experts.num_experts must be a positive int, got 0",)),
+    # D3S and launch.train_teachers.
+    "d3s_batch_not_dividing_classes": Case(
+        "distill", ("--config=configs/d3s.py:smoke,outer.batch_size=4", "--workdir={run}"),
+        ("config.outer.batch_size=4 does not divide the 10 classes", "set it to 2")),
+    "d3s_unknown_statistic_loss": Case(
+        "distill", ("--config=configs/d3s.py:smoke,statistic_loss=wasserstein", "--workdir={run}"),
+        ("unknown config.statistic_loss 'wasserstein'; use one of kl, bn",)),
+    "d3s_unknown_teacher_model_argument": Case(
+        "distill", ("--config=configs/d3s.py:smoke,teachers.model_kwargs.stem=x",
+                    "--workdir={run}"),
+        ("unknown argument(s) stem for model 'convnet'",)),
+    "teachers_without_block": Case("train_teachers", ("--config=configs/dm.py:smoke",),
+                                   ("has no `teachers` block",)),
+    "zero_teachers": Case("train_teachers",
+                          ("--config=configs/d3s.py:smoke,teachers.num_teachers=0",),
+                          ("teachers.num_teachers must be a positive int, got 0",)),
 }
 
 

@@ -18,7 +18,8 @@ REPORT_KEYS = {
     "ipc_equivalent", "distill_seconds", "downstream_seconds", "steps",
 }
 # What report.json says about the random subset beside a set (pipeline._with_storage).
-RANDOM_SUBSET_KEYS = {"mean", "std", "n", "ipc", "storage_mb", "ipc_equivalent"}
+RANDOM_SUBSET_KEYS = {"mean", "std", "n", "ipc", "storage_mb", "ipc_equivalent", "protocol",
+                      "label_kind"}
 
 
 def _launch(module, config, workdir, *extra, env=None):

@@ -73,6 +73,7 @@ def test_report_of_a_run(stand_ins, tmp_path, digits, monkeypatch):
       "mean": 0.25, "std": 0.0, "n": 2, "ipc": 2,
       "storage_mb": distilled.storage_mb(subset),
       "ipc_equivalent": float(distilled.ipc_equivalent(subset)),
+      "protocol": "dsa", "label_kind": "class_ids",
   }
   assert (report["method"], report["protocol"], report["distill_seconds"]) == ("dm", "dsa", 12.5)
   assert report["storage_mb"] == distilled.storage_mb(the_set)

@@ -26,7 +26,7 @@ def rrc_params(
     n: int,
     *,
     image_shape: Sequence[int],
-    scale: tuple[float, float] = (0.08, 1.0),
+    scale: tuple[float | jax.Array, float | jax.Array] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_prob: float = 0.5,
 ) -> Params:
@@ -41,7 +41,8 @@ def rrc_params(
     key: a PRNG key.
     n: number of images.
     image_shape: `(H, W)` or `(H, W, C)` of the source images (static).
-    scale: range of the crop area as a fraction of the image area.
+    scale: range of the crop area as a fraction of the image area; its entries may be traced
+      (CDA's curriculum lowers the minimum scale every iteration without recompiling).
     ratio: range of the crop aspect ratio w/h.
     flip_prob: probability of a horizontal flip after the crop.
 
@@ -53,29 +54,28 @@ def rrc_params(
   True
   """
   height, width = int(image_shape[0]), int(image_shape[1])
-  if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+  concrete = all(isinstance(s, (int, float, np.number)) for s in scale)
+  if (concrete and not 0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
     raise ValueError(
         f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}"
     )
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"n must be a positive int, got {n!r}")
   return _rrc_params_core(
-      key, int(n), height, width, tuple(map(float, scale)), tuple(map(float, ratio)),
+      key, jnp.asarray(scale, jnp.float32), int(n), height, width, tuple(map(float, ratio)),
       float(flip_prob),
   )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("n", "height", "width", "scale", "ratio", "flip_prob")
-)
+@functools.partial(jax.jit, static_argnames=("n", "height", "width", "ratio", "flip_prob"))
 def _rrc_params_core(
-    key: jax.Array, n: int, height: int, width: int, scale: tuple[float, float],
+    key: jax.Array, scale: jax.Array, n: int, height: int, width: int,
     ratio: tuple[float, float], flip_prob: float,
 ) -> Params:
   attempts = 10
   u = jax.random.uniform(key, (n, 4 * attempts + 1))
   u_area, u_ratio, u_top, u_left = jnp.split(u[:, :-1], 4, axis=1)
-  area = height * width * resample.between(u_area, *scale)
+  area = height * width * resample.between(u_area, scale[0], scale[1])
   aspect = jnp.exp(resample.between(u_ratio, math.log(ratio[0]), math.log(ratio[1])))
   w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
   h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)

@@ -136,21 +136,29 @@ def _same_bits(a: Any, b: Any) -> bool:
           and np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
 
 
-def load_real(name: str, preprocessing: str) -> RealData:
+def load_real(name: str, preprocessing: str, *, validation: int = 0) -> RealData:
   """Loads dataset `name`, fits `preprocessing` on its training split and applies it to both.
 
   Args:
     name: a `distill_jax.data.DATASETS` name.
     preprocessing: a preprocessor kind ("none", "standardize", "zca_frepo", "zca_kornia").
+    validation: when positive, this many training images (an equal number per class, drawn
+      with seed 0) are held out and become the evaluation split in place of the test split;
+      the preprocessor is fitted on the rest, which is all that teachers, experts and methods
+      see. Hyperparameters are chosen on this split, never on the test split.
 
   Returns:
-    A `RealData` whose fingerprint digests the raw training arrays and `preprocessing`.
+    A `RealData` whose fingerprint digests the raw training arrays, `preprocessing` and the
+    held-out count.
   """
   info = datasets.info(name)
   x_train, y_train = datasets.load(name, "train")
   x_test, y_test = datasets.load(name, "test")
+  if validation:
+    x_train, y_train, x_test, y_test = _hold_out(x_train, y_train, validation, info.num_classes)
   preprocessor = preprocessing_lib.fit_preprocessor(x_train, preprocessing)
   raw = datasets.fingerprint(x_train, y_train)
+  held_out = f":validation={validation}" if validation else ""
   return RealData(
       name=name,
       num_classes=info.num_classes,
@@ -161,5 +169,22 @@ def load_real(name: str, preprocessing: str) -> RealData:
       x_test=np.asarray(preprocessor.apply(x_test), np.float32),
       y_test=np.asarray(y_test, np.int32),
       preprocessor=preprocessor,
-      fingerprint=hashlib.sha256(f"{raw}:{preprocessing}".encode()).hexdigest()[:16],
+      fingerprint=hashlib.sha256(f"{raw}:{preprocessing}{held_out}".encode()).hexdigest()[:16],
   )
+
+
+def _hold_out(x: np.ndarray, y: np.ndarray, count: int, num_classes: int):
+  """`(x_rest, y_rest, x_held, y_held)`: `count / C` random training images of every class held
+  out (seed 0), the rest in their original order."""
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count % num_classes:
+    raise ValueError(f"validation={count!r} must be a non-negative multiple of the "
+                     f"{num_classes} classes (an equal number held out per class)")
+  held = np.zeros(len(y), bool)
+  rng = np.random.default_rng(0)
+  for c in range(num_classes):
+    members = np.flatnonzero(y == c)
+    if count // num_classes >= len(members):
+      raise ValueError(f"validation={count} holds out {count // num_classes} images of class {c}, "
+                       f"which has {len(members)}; hold out fewer")
+    held[rng.choice(members, count // num_classes, replace=False)] = True
+  return x[~held], y[~held], x[held], y[held]

@@ -224,10 +224,12 @@ class DistilledSet(abc.ABC):
   replayed with recorded crops) is evaluated without any change outside its module:
 
   - `num_examples`: N, the examples an epoch visits.
-  - `draw(indices, key=, epoch=)`: a training batch `(x (B, H, W, C), y)` for `indices (B,)`,
-    pure and jittable (the set is a pytree argument of the trainer's step); `key` is fresh per
-    step (kinds that sample use it), `epoch` is the epoch of the step (kinds that replay
-    per-epoch labels use it). `y` is `(B,)` class ids or `(B, C)` floats per `label_kind`.
+  - `draw(indices, key=, epoch=, run_key=)`: a training batch `(x (B, H, W, C), y)` for
+    `indices (B,)`, pure and jittable (the set is a pytree argument of the trainer's step);
+    `key` is fresh per step (kinds that sample use it), `epoch` is the epoch of the step and
+    `run_key` a key fixed for one network's whole run (kinds that replay per-epoch labels use
+    them: D3S's relabelled sets draw their epoch order from `run_key`; None means the recorded
+    order). `y` is `(B,)` class ids or `(B, C)` floats per `label_kind`.
   - `label_kind`: what `y` is (`LABEL_KINDS`, from `meta`).
   - `class_ids()`: `(N,)` hard labels, for grids and class-balanced baselines.
   - `preview()`: `(images (N, H, W, C) in the preprocessed space, class ids (N,))` to show.
@@ -248,7 +250,7 @@ class DistilledSet(abc.ABC):
     return self.meta.label_kind
 
   @abc.abstractmethod
-  def draw(self, indices: Any, *, key: Any, epoch: Any) -> tuple[Any, Any]:
+  def draw(self, indices: Any, *, key: Any, epoch: Any, run_key: Any = None) -> tuple[Any, Any]:
     """The training batch of examples `indices (B,)`: `(x (B, H, W, C), y)`; jittable."""
 
   @abc.abstractmethod

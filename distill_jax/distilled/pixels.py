@@ -119,9 +119,10 @@ class PixelSet(DistilledSet):
     """N, the number of synthetic images."""
     return int(self.x.shape[-4])
 
-  def draw(self, indices: Any, *, key: Any = None, epoch: Any = None) -> tuple[Any, Any]:
-    """`(x[indices], y[indices])`: pixels need neither a key nor the epoch."""
-    del key, epoch
+  def draw(self, indices: Any, *, key: Any = None, epoch: Any = None,
+           run_key: Any = None) -> tuple[Any, Any]:
+    """`(x[indices], y[indices])`: pixels need neither keys nor the epoch."""
+    del key, epoch, run_key
     return self.x[indices], self.y[indices]
 
   def class_ids(self) -> np.ndarray:

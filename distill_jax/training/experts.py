@@ -217,10 +217,11 @@ def expert_spec(config: ml_collections.ConfigDict, data) -> ExpertSpec:
   )
 
 
-def cache_root() -> str:
-  """`$DISTILL_JAX_CACHE/buffers`, or `~/.cache/distill_jax/buffers` when it is unset."""
+def cache_root(kind: str = "buffers") -> str:
+  """`$DISTILL_JAX_CACHE/<kind>`, or `~/.cache/distill_jax/<kind>` when it is unset (kinds:
+  "buffers" for expert trajectories, "teachers" for teacher pools)."""
   root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "distill_jax")
-  return os.path.join(root, "buffers")
+  return os.path.join(root, kind)
 
 
 def default_buffer_dir(spec: ExpertSpec) -> str:
@@ -292,7 +293,7 @@ def train_experts(spec: ExpertSpec, data, path: str, *, num_experts: int) -> Tra
   os.makedirs(path, exist_ok=True)
   store = TrajectoryStore(path, networks_per_shard=spec.experts_per_shard)
   num_shards = num_experts // spec.experts_per_shard
-  with _locked(path):
+  with file_lock(path):
     _write_or_check_spec(path, spec)
     todo = [s for s in range(num_shards) if not store.is_complete(s)]
     if todo:
@@ -390,7 +391,7 @@ class TrajectoryBuffer:
           f"no trajectory buffer at {path} ({_SPEC_FILE} missing); train one with "
           "`python -m launch.train_experts --config=... --buffer_dir=...`"
       )
-    record = _read_json(spec_path)
+    record = read_json(spec_path)
     if record.get("format") != FORMAT_VERSION:
       raise BufferError(
           f"the buffer at {path} has format {record.get('format')}, this version reads "
@@ -468,7 +469,7 @@ def _write_or_check_spec(path: str, spec: ExpertSpec) -> None:
     atomic_write_text(spec_path, json.dumps(
         {"format": FORMAT_VERSION, "digest": spec.digest(), "spec": spec.to_dict()}, indent=1))
     return
-  record = _read_json(spec_path)
+  record = read_json(spec_path)
   stored, wanted = record["spec"], spec.to_dict()
   diff = [f"{k}: stored {stored.get(k)!r}, wanted {wanted[k]!r}"
           for k in wanted if stored.get(k) != wanted[k]]
@@ -482,7 +483,7 @@ def _write_or_check_spec(path: str, spec: ExpertSpec) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
+def file_lock(path: str) -> Iterator[None]:
   # flock is released by the kernel when the process dies, so a killed run never leaves a stale lock.
   with open(os.path.join(path, _LOCK_FILE), "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -492,6 +493,6 @@ def _locked(path: str) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)

@@ -28,7 +28,7 @@ from distill_jax.models.common import check_positive as _check_positive_int
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 LOSSES = ("ce", "mse", "kd")
-AUGMENTATIONS = ("none", "dsa", "frepo")
+AUGMENTATIONS = ("none", "dsa", "frepo", "rrc")
 
 Array = jax.Array
 
@@ -61,7 +61,9 @@ class Recipe:
     temperature: KD temperature for "kd"; for "ce" on learned labels or logits the targets are
       `softmax(y / temperature)` (FRePo's "softxent" convention).
     augmentation: on every training batch: "dsa" (`distill_jax.data.augment.dsa`), "frepo"
-      (FRePo's augmax ops, one op per batch) or "none".
+      (FRePo's augmax ops, one op per batch), "rrc" (torchvision's RandomResizedCrop, scale
+      0.08-1, back to the input size, + RandomHorizontalFlip: `distill_jax.data.rrc_params`;
+      D3S/SRe2L teachers) or "none".
     aug_strategy: ops joined by "_", e.g. DSA's "color_crop_cutout_flip_scale_rotate".
     aug_mode: DSA mode ("single" picks one op per batch, "multiple" applies all); "frepo"
       always picks one.
@@ -121,7 +123,7 @@ class Recipe:
         raise ValueError(f"{field} must be in [0, 1], got {value!r}")
     if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-    if self.augmentation != "none" and not self.aug_strategy:
+    if self.augmentation in ("dsa", "frepo") and not self.aug_strategy:
       raise ValueError(
           f"augmentation={self.augmentation!r} needs a non-empty aug_strategy; or use 'none'"
       )
@@ -226,6 +228,10 @@ class Recipe:
     return t**2 * optax.kl_divergence(
         jax.nn.log_softmax(logits / t, axis=-1), jax.nn.softmax(targets / t, axis=-1)
     )
+
+  def can_train(self, label_kind: str) -> bool:
+    """Whether this recipe's loss can use labels of `label_kind` (KD needs teacher outputs)."""
+    return not (self.loss == "kd" and label_kind == "class_ids")
 
   def targets_fn(self, label_kind: str, num_classes: int) -> Callable[[Array], Array]:
     """Labels of kind `label_kind` -> `(B, C)` float targets of this recipe's loss (jittable).

@@ -22,9 +22,10 @@ its batch statistics). A set smaller than the batch size is used whole in every 
 
 Keys (threefry, the default implementation): network i splits its key into initialisation,
 dropout-initialisation, shuffling, augmentation and dropout keys; step `t` augments with
-`fold_in(aug_key, t)`, draws from sampling set kinds with `fold_in(aug_key, t + num_steps)`, and
-epoch `e` shuffles with `fold_in(shuffle_key, e)`, so results depend neither on the chunk length
-nor on where a run was interrupted and resumed. `train` donates the states it steps: copy a
+`fold_in(aug_key, t)`, draws from sampling set kinds with `fold_in(aug_key, t + num_steps)`,
+epoch `e` shuffles with `fold_in(shuffle_key, e)`, and kinds that fix an order for a whole run
+(D3S's replayed epochs) get `fold_in(shuffle_key, 2**31 - 1)`, so results depend neither on the
+chunk length nor on where a run was interrupted and resumed. `train` donates the states it steps: copy a
 state handed to `on_save` before keeping it past the callback.
 """
 
@@ -41,10 +42,14 @@ import numpy as np
 from absl import logging
 
 from distill_jax.data import augment
+from distill_jax.data import crops
 from distill_jax.training.recipe import Recipe
 
 Array = jax.Array
 PyTree = Any
+
+# `fold_in` data of a network's run key (see the module docstring): no epoch reaches it.
+_RUN_KEY_DATA = 2**31 - 1
 
 
 @flax.struct.dataclass
@@ -210,6 +215,9 @@ class Trainer:
       return augment.dsa(key, x, strategy=strategy, mode=self.recipe.aug_mode)
     if self.recipe.augmentation == "frepo":
       return augment.frepo_augment(key, x, strategy=strategy)
+    if self.recipe.augmentation == "rrc":
+      params = crops.rrc_params(key, x.shape[0], image_shape=x.shape[1:])
+      return crops.rrc_apply(x, params, size=x.shape[1:3])
     return x
 
   def step(self, state: TrainState, t: Array, training_set, lr: Array) -> tuple[TrainState, Array]:
@@ -222,7 +230,8 @@ class Trainer:
     # Kinds that sample (decoders, distributions) draw with a key of their own: folding in
     # `t + num_steps` keeps it apart from every step's augmentation key.
     x, y = training_set.draw(indices, key=jax.random.fold_in(state.aug_key, t + self.num_steps),
-                             epoch=t // self.steps_per_epoch)
+                             epoch=t // self.steps_per_epoch,
+                             run_key=jax.random.fold_in(state.shuffle_key, _RUN_KEY_DATA))
     x = self.augment(aug_key, x)
     targets = self.recipe.targets_fn(self.label_kind, self.num_classes)(y)
     rngs = {"dropout": jax.random.fold_in(state.dropout_key, t)}

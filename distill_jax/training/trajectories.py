@@ -48,11 +48,14 @@ class TrajectoryStore:
   Args:
     path: the store's folder (created on the first write).
     networks_per_shard: networks per shard; network `i` is `net_{i % n}` of shard `i // n`.
+    keep: points kept per shard (older ones are deleted after each write), or None for every
+      point (trajectories; a teacher pool keeps only its latest points).
   """
 
-  def __init__(self, path: str, *, networks_per_shard: int):
+  def __init__(self, path: str, *, networks_per_shard: int, keep: int | None = None):
     self.path = path
     self.networks_per_shard = int(networks_per_shard)
+    self.keep = keep
     self._checkpointers: dict[int, Checkpointer] = {}
 
   def __repr__(self) -> str:
@@ -63,7 +66,7 @@ class TrajectoryStore:
 
   def _checkpointer(self, shard: int) -> Checkpointer:
     if shard not in self._checkpointers:
-      self._checkpointers[shard] = Checkpointer(self.shard_dir(shard), max_to_keep=None)
+      self._checkpointers[shard] = Checkpointer(self.shard_dir(shard), max_to_keep=self.keep)
     return self._checkpointers[shard]
 
   def points(self, shard: int) -> list[int]:

@@ -97,3 +97,24 @@ def test_load_real_keys_on_the_raw_arrays_and_the_preprocessing():
   assert standardized.x_train.dtype == np.float32 and standardized.y_train.dtype == np.int32
   assert (standardized.num_classes, standardized.image_shape) == (10, (8, 8, 1))
   assert standardized.preprocessor.kind == "standardize"
+
+
+def test_a_validation_split_is_held_out_of_training_before_preprocessing():
+  """`validation=N` moves N / C training images of every class to the evaluation split; the
+  preprocessor and the fingerprint see only the rest, and the test split is not used."""
+  raw_x, raw_y = data.load("digits", "train")
+  held = load_real("digits", "standardize", validation=100)
+  plain = load_real("digits", "standardize")
+  assert len(held.x_test) == 100 and len(held.x_train) == len(raw_x) - 100
+  np.testing.assert_array_equal(np.bincount(held.y_test, minlength=10), [10] * 10)
+  rest = held.preprocessor.invert(held.x_train)
+  val = held.preprocessor.invert(held.x_test)
+  pool = {row.tobytes() for row in np.round(raw_x, 4).astype(np.float32)}
+  assert all(row.tobytes() in pool for row in np.round(val, 4).astype(np.float32)[:5])
+  rest_keys = {row.tobytes() for row in np.round(rest, 4).astype(np.float32)}
+  assert not any(row.tobytes() in rest_keys for row in np.round(val, 4).astype(np.float32))
+  assert held.fingerprint != plain.fingerprint
+  np.testing.assert_allclose(held.preprocessor.mean, np.asarray(rest).mean(axis=(0, 1, 2)),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="multiple of the 10 classes"):
+    load_real("digits", "standardize", validation=15)

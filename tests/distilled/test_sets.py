@@ -211,8 +211,8 @@ class ToySet(DistilledSet):
   def num_examples(self):
     return int(self.z.shape[0])
 
-  def draw(self, indices, *, key, epoch):
-    del key, epoch
+  def draw(self, indices, *, key, epoch, run_key=None):
+    del key, epoch, run_key
     dense = self.decoder["dense"]
     flat = jnp.asarray(self.z)[indices] @ dense["kernel"] + dense.get("bias", 0.0)
     return flat.reshape(-1, *self.meta.image_shape), jnp.asarray(indices) % self.meta.num_classes

@@ -2,11 +2,12 @@
 
 `smoke_runs` runs `tests/methods/smoke_child.py` (digits, each method's `smoke` preset):
 
-1. one child runs FRePo, MTT, DC and DM straight through (the reference sets, FRePo's and MTT's
+1. one child runs FRePo, MTT, DC, DM and D3S straight through (the reference sets, FRePo's and MTT's
    report extras) in `reference/<method>`;
 2. a chain of five children runs each method again in `killed/<method>`, killed with SIGKILL
    once its first checkpoint is on disk; the next child resumes it to the end and starts the
-   next method (so four kills cost five processes, not eight).
+   next method (so five kills cost six processes, not ten). D3S's smoke run is killed inside
+   its second batch (checkpoint at iteration 15 of 2 x 20).
 
 The children share one persistent compilation cache (each step compiles once for all runs) and
 compile with LLVM -O0, which compiles several times faster on CPU; every child uses the same
@@ -26,7 +27,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(ROOT, "tests", "methods", "smoke_child.py")
-METHODS = ("frepo", "mtt", "dc", "dm")
+METHODS = ("frepo", "mtt", "dc", "dm", "d3s")
 TIMEOUT = 600
 
 

@@ -414,8 +414,8 @@ class EpochLabelSet(DistilledSet):
   def num_examples(self):
     return int(self.x.shape[0])
 
-  def draw(self, indices, *, key, epoch):
-    del key
+  def draw(self, indices, *, key, epoch, run_key=None):
+    del key, run_key
     return self.x[indices], self.y[epoch][indices]
 
   def class_ids(self):
