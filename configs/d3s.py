@@ -77,17 +77,23 @@ PRESETS = {
     # teachers of width 16 with batch norm trained 3 epochs (Table 8: ResNet-18, 50 epochs; the
     # warm-up shrinks to 1 epoch), ImageNet-1K's synthesis column (Adam 0.25 x 1000 iterations,
     # the shorter K), E_L = 25 labelled epochs (Section 7's smallest), and the Tiny validation
-    # column on a width-16 ConvNet instead of a ResNet-18. The `mtt` protocol (width 16, 300
-    # epochs like every CPU preset) trains the hard-label random subset beside it.
+    # recipe on a width-16 ConvNet instead of a ResNet-18. Two values were chosen on a validation
+    # split (`validation_split=10000`: 10000 training images held out, teachers trained on the
+    # rest; docs/results.md has the sweep), never on the test split: alpha = 2 (the paper's 20
+    # was calibrated for ResNet-18's 17 layers of up to 512 channels; 3 layers of 16 channels
+    # give a far smaller KL, and 20 * CE then drowns it: 60.4 vs 66.2 on validation) and E_T =
+    # 1000 training epochs of the d3s protocol (Section 7: longer training helps; 100 -> 300 ->
+    # 1000 epochs gave 66.2 -> 71.2 -> 74.7). The `mtt` protocol (width 16, 300 epochs like every
+    # CPU preset) trains the hard-label random subset beside it.
     "cpu": {
         "num_steps": 1000,
         "log_every": 100,
         "checkpoint_every": 1000,
-        "outer": {"lr": 0.25},
+        "outer": {"lr": 0.25, "alpha": 2.0},
         "teachers": {"model": "convnet", "epochs": 3, "warmup_epochs": 1,
                      "model_kwargs": {"width": 16, "depth": 3, "norm": "batch"}},
         "relabel": {"epochs": 25},
-        "eval": {"overrides": {"d3s": {"model": "convnet", "width": 16},
+        "eval": {"overrides": {"d3s": {"model": "convnet", "width": 16, "epochs": 1000},
                                "mtt": {"width": 16, "epochs": 300}}},
     },
 }
