@@ -11,7 +11,7 @@ from distill_jax.training import Recipe
 
 
 def test_registry_names():
-  assert PROTOCOLS.names() == ["dc", "dsa", "frepo", "kd", "mtt", "standard"]
+  assert PROTOCOLS.names() == ["d3s", "dc", "dsa", "frepo", "kd", "mtt", "standard"]
   for name in PROTOCOLS.names():
     protocol = get_protocol(name)
     assert protocol.name == name
@@ -114,7 +114,7 @@ def test_frozen_and_private_kwargs():
 
 
 def test_unknown_names_and_fields():
-  with pytest.raises(UnknownNameError, match="valid names: dc, dsa, frepo, kd, mtt, standard"):
+  with pytest.raises(UnknownNameError, match="valid names: d3s, dc, dsa, frepo, kd, mtt, standard"):
     get_protocol("nope")
   with pytest.raises(ValueError, match=r"unknown override 'epoch'.*arguments: .*epochs"):
     get_protocol("mtt", epoch=3)
