@@ -284,7 +284,7 @@ def _has_checkpoint(run) -> bool:
 
 def test_ctrl_c_says_where_it_stopped_and_the_rerun_resumes(tmp_path):
   run = tmp_path / "run"
-  config = f"--config={DM},num_steps=300,checkpoint_every=10"
+  config = f"--config={DM},num_steps=1000,checkpoint_every=10"  # Seconds of margin under load.
   process = subprocess.Popen([sys.executable, "-m", "launch.distill", config, f"--workdir={run}"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=_env())

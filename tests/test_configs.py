@@ -10,7 +10,7 @@ import pytest
 
 from configs import common
 from distill_jax import data as data_lib
-from distill_jax import methods, pipeline
+from distill_jax import methods, models, pipeline
 from distill_jax.registry import Registry, UnknownNameError
 
 CONFIG_FILES = sorted(
@@ -100,7 +100,7 @@ def test_every_offline_dataset_is_reached_by_a_preset():
     assert set(OFFLINE_DATASETS) <= reached, name
 
 
-@pytest.mark.parametrize("name", METHOD_CONFIGS)
+@pytest.mark.parametrize("name", [n for n in METHOD_CONFIGS if n != "d3s"])
 def test_the_headline_protocol_evaluates_with_the_distillation_depth(name):
   """Every preset, alone and combined with every dataset preset in both orders, distils and
   evaluates (the first protocol, the method's own) with the depth of its dataset's preset."""
@@ -116,6 +116,21 @@ def test_the_headline_protocol_evaluates_with_the_distillation_depth(name):
     headline = config.eval.protocols.split(",")[0]
     protocol = pipeline._protocol(config, headline)
     assert protocol.model_kwargs["depth"] == expected, (arg, headline)
+
+
+def test_d3s_evaluates_with_its_teachers_architecture():
+  """D3S distils from teachers and validates a network of the teachers' architecture (paper:
+  ResNet-18 both); the CPU and smoke presets shrink both alike."""
+  module = importlib.import_module("configs.d3s")
+  for arg in ["tiny_imagenet", "fashion_mnist,cpu", "cpu,fashion_mnist", "smoke"]:
+    config = module.get_config(arg)
+    protocol = pipeline._protocol(config, config.eval.protocols.split(",")[0])
+    assert protocol.model == config.teachers.model, arg
+    evaluated = protocol.make_model(10)
+    teacher = models.get_model(config.teachers.model, num_classes=10,
+                               **dict(config.teachers.model_kwargs))
+    for key in ("depth", "width"):
+      assert getattr(evaluated, key, None) == getattr(teacher, key, None), (arg, key)
 
 
 def test_merge_nests_presets():
