@@ -130,7 +130,7 @@ class D3S(DistillMethod):
     return teachers_lib.ensure_teachers(self.config, self.data)
 
   def prepare(self) -> None:
-    self.device_inputs  # Trains the teachers and measures their statistics before step 1.
+    _ = self.device_inputs  # Trains the teachers and measures their statistics before step 1.
 
   @functools.cached_property
   def device_inputs(self) -> tuple[PyTree, list[tuple[Array, Array]]]:

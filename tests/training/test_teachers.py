@@ -3,6 +3,7 @@ real-set statistics."""
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -75,11 +76,11 @@ def test_a_killed_teacher_resumes_to_the_same_weights(pool, tmp_path):
   teachers are not retrained."""
   data, spec, path, trained = pool
   copy = tmp_path / "pool"
-  os.system(f"cp -r {path} {copy}")
+  shutil.copytree(path, copy)
   shard = copy / "shard_0001"
   assert sorted(int(n) for n in os.listdir(shard) if n.isdigit()) == [2, 3]
-  for name in ("shard.json", "3"):
-    os.system(f"rm -rf {shard / name}")
+  os.remove(shard / "shard.json")
+  shutil.rmtree(shard / "3")
   before = os.path.getmtime(copy / "shard_0000" / "shard.json")
   resumed = teachers.train_teachers(spec, data, str(copy), num_teachers=3)
   jax.tree.map(np.testing.assert_array_equal, resumed.variables(1), trained.variables(1))
