@@ -183,6 +183,19 @@ CASES = {
         "distill", ("--config=configs/d3s.py:smoke,teachers.model_kwargs.stem=x",
                     "--workdir={run}"),
         ("unknown argument(s) stem for model 'convnet'",)),
+    # APM.
+    "apm_segments_not_dividing_the_minibatch": Case(
+        "distill", ("--config=configs/apm.py:smoke,outer.segments=3", "--workdir={run}"),
+        ("config.outer.segments=3 does not divide the minibatch of 20 images",
+         "set it to a divisor such as 2")),
+    "apm_checkpoints_not_dividing_the_epochs": Case(
+        "distill", ("--config=configs/apm.py:smoke,inner.checkpoints=3", "--workdir={run}"),
+        ("config.inner.checkpoints=3 does not divide config.inner.epochs=4",)),
+    "apm_minibatch_larger_than_the_set": Case(
+        "distill", ("--config=configs/apm.py:smoke,outer.batch_size=50", "--workdir={run}"),
+        ("config.outer.batch_size=50 exceeds the 20 synthetic images",)),
+    "merge_a_missing_set": Case("merge", ("--sets={run}/a,{run}/b", "--out={run}/merged"),
+                                ("no distilled set at",)),
     "teachers_without_block": Case("train_teachers", ("--config=configs/dm.py:smoke",),
                                    ("has no `teachers` block",)),
     "zero_teachers": Case("train_teachers",

@@ -8,6 +8,7 @@ distribution, relabelled) are `DistilledSet` dataclasses decorated with `registe
 
 from distill_jax.distilled.base import KINDS, DistilledSet, SetMeta, register_kind
 from distill_jax.distilled.pixels import PixelSet
+from distill_jax.distilled.merge import merge
 from distill_jax.distilled.relabelled import RelabelledSet, relabel
 from distill_jax.distilled.serialization import DistilledSetError, load, save
 from distill_jax.distilled.storage import ipc_equivalent, storage_bytes, storage_mb
@@ -21,6 +22,7 @@ __all__ = [
     "SetMeta",
     "ipc_equivalent",
     "load",
+    "merge",
     "register_kind",
     "relabel",
     "save",

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.models import convolution
 from distill_jax.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -167,6 +168,7 @@ def conv(
       use_bias=use_bias,
       kernel_init=kernel_init(init_scheme),
       bias_init=bias_init(init_scheme, fan_in),
+      conv_general_dilated=convolution.conv_general_dilated,
       name=name,
   )(x)
 

@@ -27,7 +27,7 @@ from distill_jax.models.common import check_positive as _check_positive_int
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
-LOSSES = ("ce", "mse", "kd")
+LOSSES = ("ce", "mse", "kd", "l1")
 AUGMENTATIONS = ("none", "dsa", "frepo", "rrc")
 
 Array = jax.Array
@@ -56,8 +56,9 @@ class Recipe:
     steps_by_set_size: ((set size, steps), ...) used when both `epochs` and `steps` are None
       (FRePo's table); a size between entries takes the next larger entry's steps.
     batch_size: training batch size; a smaller set is used whole in every step.
-    loss: "ce" (cross-entropy), "mse" (FRePo's `0.5 * sum_c` squared error) or "kd"
-      (knowledge distillation from teacher logits at `temperature`).
+    loss: "ce" (cross-entropy), "mse" (FRePo's `0.5 * sum_c` squared error), "kd"
+      (knowledge distillation from teacher logits at `temperature`) or "l1" (APM's
+      `F.l1_loss` to teacher logits: `mean_c |logits - targets|`).
     temperature: KD temperature for "kd"; for "ce" on learned labels or logits the targets are
       `softmax(y / temperature)` (FRePo's "softxent" convention).
     augmentation: on every training batch: "dsa" (`distill_jax.data.augment.dsa`), "frepo"
@@ -218,19 +219,25 @@ class Recipe:
 
     "ce": `optax.softmax_cross_entropy`; "mse": `sum_c optax.l2_loss` (= `0.5 * sum_c (p -
     t)^2`, `objectives.mse_loss` per example); "kd": `T^2 * optax.kl_divergence(log_softmax(s /
-    T), softmax(t / T))` (`objectives.kd_loss` per example).
+    T), softmax(t / T))` (`objectives.kd_loss` per example); "l1": `mean_c |s - t|` (PyTorch's
+    `F.l1_loss` per example, APM's student and evaluation loss).
     """
     if self.loss == "ce":
       return optax.softmax_cross_entropy(logits, targets)
     if self.loss == "mse":
       return jnp.sum(optax.l2_loss(logits, targets), axis=-1)
+    if self.loss == "l1":
+      return jnp.mean(jnp.abs(logits - targets), axis=-1)
     t = self.temperature
     return t**2 * optax.kl_divergence(
         jax.nn.log_softmax(logits / t, axis=-1), jax.nn.softmax(targets / t, axis=-1)
     )
 
   def can_train(self, label_kind: str) -> bool:
-    """Whether this recipe's loss can use labels of `label_kind` (KD needs teacher outputs)."""
+    """Whether this recipe's loss can use labels of `label_kind` (KD needs teacher outputs, L1
+    regresses teacher logits)."""
+    if self.loss == "l1":
+      return label_kind in ("logits", "learned")
     return not (self.loss == "kd" and label_kind == "class_ids")
 
   def targets_fn(self, label_kind: str, num_classes: int) -> Callable[[Array], Array]:
@@ -241,14 +248,21 @@ class Recipe:
     - "mse": class ids -> FRePo's centred one-hot `one_hot - 1/C`; float labels -> unchanged.
     - "kd": logits and learned labels -> unchanged; probabilities -> `log(p)` (logits with the
       same softmax at any temperature); class ids raise (KD needs teacher outputs).
+    - "l1": logits and learned labels -> unchanged; class ids and probabilities raise (APM
+      regresses teacher logits; hard labels train with "ce").
 
     Raises:
-      ValueError: "kd" on class ids.
+      ValueError: "kd" on class ids; "l1" on class ids or probabilities.
 
     >>> f = Recipe(epochs=1, loss="mse").targets_fn("class_ids", 2)
     >>> f(jnp.array([1])).tolist()
     [[-0.5, 0.5]]
     """
+    if self.loss == "l1" and not self.can_train(label_kind):
+      raise ValueError(
+          f"the l1 loss regresses teacher logits (N, C), got {label_kind} labels; use a protocol "
+          "with loss 'ce' (e.g. 'dsa' or 'mtt') for them"
+      )
     if label_kind == "class_ids":
       if self.loss == "kd":
         raise ValueError(

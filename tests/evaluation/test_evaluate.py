@@ -128,7 +128,7 @@ def test_check_set_errors(digits, make, message):
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        ({"protocol": "nope"}, UnknownNameError, "valid names: d3s, dc, dsa, frepo, kd, mtt, standard"),
+        ({"protocol": "nope"}, UnknownNameError, "valid names: apm, d3s, dc, dsa, frepo, kd, mtt, standard"),
         ({"x_test": np.zeros((4, 9, 9, 1), np.float32)}, ValueError, "preprocess both the same"),
         ({"x_test": np.zeros((4, 8, 8), np.float32)}, ValueError, "preprocess both the same"),
         ({"x_test": np.zeros((4, 8, 8, 1), np.uint8)}, ValueError, "floating images"),

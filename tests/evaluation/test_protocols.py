@@ -11,7 +11,7 @@ from distill_jax.training import Recipe
 
 
 def test_registry_names():
-  assert PROTOCOLS.names() == ["d3s", "dc", "dsa", "frepo", "kd", "mtt", "standard"]
+  assert PROTOCOLS.names() == ["apm", "d3s", "dc", "dsa", "frepo", "kd", "mtt", "standard"]
   for name in PROTOCOLS.names():
     protocol = get_protocol(name)
     assert protocol.name == name
@@ -33,6 +33,17 @@ def test_mtt_matches_released_code():
   # IPC 10 on 10 classes: one full-set batch per epoch; IPC 50: 256 + 244.
   assert p.num_steps(100) == 1000
   assert p.num_steps(500) == 2000
+
+
+def test_apm_is_the_dsa_recipe_with_l1_to_teacher_logits():
+  """DD_APM distill.py evaluate_synset_mc: SGD lr_net (0.02) / 0.9, wd 5e-4, x0.1 at E/2, DSA,
+  batch 256, F.l1_loss on the stored logits; hard labels cannot train under it."""
+  p, dsa = get_protocol("apm"), get_protocol("dsa")
+  assert (p.loss, p.lr, p.use_learned_lr) == ("l1", 0.02, False)
+  for field in ("model", "model_kwargs", "optimizer", "momentum", "weight_decay", "schedule",
+                "epochs", "batch_size", "augmentation", "aug_strategy", "aug_mode"):
+    assert getattr(p, field) == getattr(dsa, field), field
+  assert p.can_train("logits") and not p.can_train("class_ids")
 
 
 def test_frepo_matches_released_code():
@@ -114,7 +125,7 @@ def test_frozen_and_private_kwargs():
 
 
 def test_unknown_names_and_fields():
-  with pytest.raises(UnknownNameError, match="valid names: d3s, dc, dsa, frepo, kd, mtt, standard"):
+  with pytest.raises(UnknownNameError, match="valid names: apm, d3s, dc, dsa, frepo, kd, mtt, standard"):
     get_protocol("nope")
   with pytest.raises(ValueError, match=r"unknown override 'epoch'.*arguments: .*epochs"):
     get_protocol("mtt", epoch=3)
@@ -129,7 +140,7 @@ def test_unknown_names_and_fields():
     [
         ({"optimizer": "lamb"}, "unknown optimizer 'lamb'"),
         ({"schedule": "poly"}, "unknown schedule"),
-        ({"loss": "l1"}, "unknown loss"),
+        ({"loss": "l2"}, "unknown loss"),
         ({"augmentation": "autoaugment"}, "unknown augmentation"),
         ({"epochs": 3, "steps": 4}, "set only one"),
         ({"epochs": 0}, "epochs must be a positive int"),

@@ -2,11 +2,11 @@
 
 `smoke_runs` runs `tests/methods/smoke_child.py` (digits, each method's `smoke` preset):
 
-1. one child runs FRePo, MTT, DC, DM and D3S straight through (the reference sets, FRePo's and MTT's
+1. one child runs FRePo, MTT, DC, DM, D3S and APM straight through (the reference sets, FRePo's and MTT's
    report extras) in `reference/<method>`;
-2. a chain of five children runs each method again in `killed/<method>`, killed with SIGKILL
+2. a chain of children runs each method again in `killed/<method>`, killed with SIGKILL
    once its first checkpoint is on disk; the next child resumes it to the end and starts the
-   next method (so five kills cost six processes, not ten). D3S's smoke run is killed inside
+   next method (so six kills cost seven processes, not twelve). D3S's smoke run is killed inside
    its second batch (checkpoint at iteration 15 of 2 x 20).
 
 The children share one persistent compilation cache (each step compiles once for all runs) and
@@ -27,7 +27,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(ROOT, "tests", "methods", "smoke_child.py")
-METHODS = ("frepo", "mtt", "dc", "dm", "d3s")
+METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm")
 TIMEOUT = 600
 
 

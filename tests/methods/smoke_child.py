@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-METHODS = ("frepo", "mtt", "dc", "dm", "d3s")
+METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm")
 
 
 def run(name, root):

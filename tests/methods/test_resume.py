@@ -8,7 +8,7 @@ import pytest
 
 from distill_jax import io as io_lib
 
-METHODS = ("frepo", "mtt", "dc", "dm", "d3s")
+METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm")
 
 
 @pytest.mark.parametrize("name", METHODS)

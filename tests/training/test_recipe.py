@@ -15,9 +15,10 @@ from distill_jax.training import Recipe
 
 C = 5
 KINDS = ("class_ids", "learned", "probabilities", "logits")
-# KD needs teacher outputs: class ids are an error (test_kd_on_class_ids_is_an_error).
-TRAINABLE = [(loss, kind) for loss, kind in itertools.product(("ce", "mse", "kd"), KINDS)
-             if (loss, kind) != ("kd", "class_ids")]
+# KD needs teacher outputs: class ids are an error (test_kd_on_class_ids_is_an_error); L1
+# regresses logits (test_l1_needs_logits).
+TRAINABLE = [(loss, kind) for loss, kind in itertools.product(("ce", "mse", "kd", "l1"), KINDS)
+             if Recipe(epochs=1, loss=loss).can_train(kind)]
 
 
 def _softmax(z):
@@ -57,6 +58,8 @@ def _numpy_loss(loss, logits, targets, temperature):
     return -np.sum(targets * _log_softmax(logits), axis=-1)
   if loss == "mse":
     return 0.5 * np.sum((logits - targets) ** 2, axis=-1)
+  if loss == "l1":  # torch.nn.functional.l1_loss(reduction="none").mean(-1).
+    return np.mean(np.abs(logits - targets), axis=-1)
   teacher = _softmax(targets / temperature)
   return temperature**2 * np.sum(
       teacher * (np.log(teacher) - _log_softmax(logits / temperature)), axis=-1)
@@ -106,6 +109,8 @@ def test_mean_loss_equals_the_objectives(loss, kind):
     elif loss == "mse":
       y_float = jax.nn.one_hot(y, C) - 1 / C if kind == "class_ids" else y
       reference = objectives.mse_loss(logits, y_float)
+    elif loss == "l1":  # APM's student loss: F.l1_loss, the mean over the batch and classes.
+      reference = jnp.mean(jnp.abs(logits - y))
     else:  # KD from the teacher's logits; probabilities are logits up to a constant.
       teacher = jnp.log(y) if kind == "probabilities" else y
       reference = objectives.kd_loss(logits, teacher, temperature=temperature)
@@ -125,6 +130,13 @@ def test_kd_on_probabilities_trains_towards_the_tempered_distribution():
   np.testing.assert_allclose(
       jax.jit(recipe.per_example_loss)(jnp.asarray(logits_at_teacher, jnp.float32), targets),
       0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["class_ids", "probabilities"])
+def test_l1_needs_logits(kind):
+  assert not Recipe(epochs=1, loss="l1").can_train(kind)
+  with pytest.raises(ValueError, match="l1 loss regresses teacher logits"):
+    Recipe(epochs=1, loss="l1").targets_fn(kind, C)
 
 
 def test_kd_on_class_ids_is_an_error():
