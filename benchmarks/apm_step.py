@@ -17,7 +17,6 @@ and memory do not depend on the values.
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.d3s_step import measure  # noqa: E402  (compiled memory, median ms)
 from configs import apm as apm_config  # noqa: E402
 from distill_jax import data as data_lib  # noqa: E402
 from distill_jax.methods import apm as apm_lib  # noqa: E402
@@ -67,24 +67,6 @@ def image_update(method):
     return state.replace(x_syn=state.x_syn - direction, opt_state=opt_state), metrics
 
   return update
-
-
-def measure(fn, state, inputs, *, repeats: int, run: bool) -> tuple[float, float]:
-  compiled = jax.jit(fn, donate_argnums=0).lower(state, inputs).compile()
-  memory = compiled.memory_analysis()
-  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30
-  if not run:
-    return peak, float("nan")
-  state, _ = compiled(state, inputs)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    begin = time.perf_counter()
-    state, metrics = compiled(state, inputs)
-    jax.block_until_ready(metrics)
-    times.append(1000 * (time.perf_counter() - begin))
-  return peak, statistics.median(times)
 
 
 def main() -> None:
