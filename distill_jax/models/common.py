@@ -144,7 +144,9 @@ def conv(
   """A PyTorch-style conv: symmetric zero padding of `padding` pixels, square kernel.
 
   Explicit symmetric padding matters for strided convs: Flax's "SAME" pads (0, 1) where
-  PyTorch pads (1, 1). Must be called inside a compact `__call__`.
+  PyTorch pads (1, 1). The convolution is `convolution.conv_general_dilated`: lax's forward,
+  gradients as canonical-layout convolutions (fast inside `scan`/`cond` on XLA:CPU). Must be
+  called inside a compact `__call__`.
 
   Args:
     x: (B, H, W, C_in).
