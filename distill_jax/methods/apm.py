@@ -282,11 +282,7 @@ class APM(DistillMethod):
 
   def report_extras(self, distilled_set, workdir) -> dict[str, Any]:
     del distilled_set, workdir
-    accuracy = self.pool.test_accuracy()
-    return {"teachers": {"description": self.pool.description,
-                         "test_accuracy": [float(a) for a in accuracy],
-                         "mean_test_accuracy": float(np.mean(accuracy)),
-                         "label_teacher": self.label_teacher}}
+    return {"teachers": {**self.pool.summary(), "label_teacher": self.label_teacher}}
 
   def divergence_hint(self) -> str:
     return f"lower outer.lr (now {self.config.outer.lr})"

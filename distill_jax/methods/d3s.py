@@ -284,10 +284,7 @@ class D3S(DistillMethod):
 
   def report_extras(self, distilled_set, workdir) -> dict[str, Any]:
     del distilled_set, workdir
-    accuracy = self.pool.test_accuracy()
-    return {"teachers": {"description": self.pool.description,
-                         "test_accuracy": [float(a) for a in accuracy],
-                         "mean_test_accuracy": float(np.mean(accuracy))},
+    return {"teachers": self.pool.summary(),
             "relabel_epochs": int(self.config.relabel.epochs)}
 
   def divergence_hint(self) -> str:

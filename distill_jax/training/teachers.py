@@ -331,6 +331,13 @@ class TeacherPool:
         lambda x, i=i: self._apply(self.variables(i), x), data.x_test, data.y_test)
         for i in range(self.num_teachers)])
 
+  def summary(self) -> dict[str, Any]:
+    """What a report says of the pool: its description and recorded test accuracies."""
+    accuracy = self.test_accuracy()
+    return {"description": self.description,
+            "test_accuracy": [float(a) for a in accuracy],
+            "mean_test_accuracy": float(np.mean(accuracy))}
+
   def statistics(self, teacher: int, data, *, chunk_size: int = 1000
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-conv-layer `(mean (C_l,), cov (C_l, C_l))` float64 of teacher `teacher` over

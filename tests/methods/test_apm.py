@@ -86,12 +86,10 @@ def test_segments_accumulate_the_unsegmented_gradient(setup):
   for name in ("loss", "distance", "ce"):
     assert float(part_metrics[name]) == pytest.approx(float(whole_metrics[name]), rel=1e-5)
   # The gradient of the mean is the mean of per-image gradients: image i's alone, times 1/B.
-  single, _ = jax.jit(apm.loss)(state.x_syn[:1], y[:1], teacher, state.checkpoints)
   grad_one = jax.grad(lambda x: apm.loss(x, y[:1], teacher, state.checkpoints)[0])(
       state.x_syn[:1])
   np.testing.assert_allclose(np.asarray(whole[:1]), np.asarray(grad_one) / len(y), rtol=0,
                              atol=1e-5 * scale)
-  del single
 
 
 def test_checkpoints_are_the_students_after_e_over_k_epochs(setup):
@@ -138,7 +136,6 @@ def test_teacher_and_students_refresh_every_refresh_every_iterations(setup):
 
 
 def test_a_step_moves_only_its_minibatch(setup):
-  apm, states, _ = setup
   half = _variant(setup, "outer.batch_size=10")
   start = jax.jit(half.init)(jax.random.key(0))
   after, _ = jax.jit(half.step)(start, half.inputs(0))
@@ -148,7 +145,6 @@ def test_a_step_moves_only_its_minibatch(setup):
   expected = np.zeros(20, bool)
   expected[np.asarray(jax.random.permutation(batch_key, 20)[:10])] = True
   np.testing.assert_array_equal(moved, expected)
-  del states
 
 
 def test_the_set_and_the_baseline_carry_one_teachers_logits(setup):

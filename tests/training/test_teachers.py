@@ -53,6 +53,9 @@ def test_a_teacher_is_the_trainer_run_from_its_key(pool):
   accuracy = trainer.accuracy(direct.state, data.x_test, data.y_test)[0]
   assert trained.test_accuracy()[1] == pytest.approx(accuracy)
   np.testing.assert_allclose(trained.test_accuracy(data), trained.test_accuracy(), atol=1e-12)
+  summary = trained.summary()
+  assert summary["test_accuracy"] == pytest.approx(list(trained.test_accuracy()))
+  assert summary["mean_test_accuracy"] == pytest.approx(float(np.mean(trained.test_accuracy())))
 
 
 def test_logits_and_the_ensemble_are_inference_mode_forward_passes(pool):
