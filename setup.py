@@ -33,6 +33,8 @@ setuptools.setup(
         "matplotlib",
         "tensorboardX",
         "tqdm",  # The progress bar in terminals and notebooks (tqdm.auto).
+        # Reads a local Stable Diffusion VAE saved with PyTorch weights (LatentDD).
+        "safetensors",
     ],
     extras_require={
         # tfds catalog datasets (cifar10, ...) are prepared through TensorFlow.

@@ -88,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.inner.epochs = 0  # Epochs per training; 0 = utils.py get_loops(ipc)'s inner_loop.
   config.inner.lr = 0.01  # main.py --lr_net=0.01, plain SGD.
   config.inner.batch_size = 256  # main.py --batch_train=256.
+  # What the network trains on between matches: "synthetic" (main.py) or "real" (IDC; then
+  # inner.epochs counts SGD steps on random real batches, LatentDC Algorithm 1).
+  config.inner.data = "synthetic"
   # How the inner training steps compile: "auto" unrolls them on CPU, scans on accelerators.
   config.inner.loop = "auto"
 

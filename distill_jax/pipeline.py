@@ -65,7 +65,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
       distilled_lib.save(workdir.distilled_dir, distilled_set)
 
   _warn_if_blown_up(distilled_set, data, method)
-  baselines = {"random_subset": random_subset_set(data, distilled_set.meta.ipc, seed=config.seed)}
+  baselines = {"random_subset": random_subset_set(data, distilled_set.baseline_ipc(),
+                                                  seed=config.seed)}
   baselines.update(method.baselines())
   if not config.eval.random_subset:
     baselines.pop("random_subset")
@@ -102,7 +103,8 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
   _write_config(workdir, config)
   baselines = {}
   if config.eval.random_subset and distilled_set.meta.method != "random":
-    baselines["random_subset"] = random_subset_set(data, distilled_set.meta.ipc, seed=config.seed)
+    baselines["random_subset"] = random_subset_set(data, distilled_set.baseline_ipc(),
+                                                   seed=config.seed)
   report = _evaluate_and_report(config, data, distilled_set, baselines, protocols, workdir,
                                 distill_seconds=0.0)
   if config.full_data:

@@ -194,6 +194,21 @@ CASES = {
     "apm_minibatch_larger_than_the_set": Case(
         "distill", ("--config=configs/apm.py:smoke,outer.batch_size=50", "--workdir={run}"),
         ("config.outer.batch_size=50 exceeds the 20 synthetic images",)),
+    # LatentDD.
+    "latent_unknown_algorithm": Case(
+        "distill", ("--config=configs/latent.py:smoke,algorithm=gm", "--workdir={run}"),
+        ("unknown algorithm='gm'", "use one of dc, dm, mtt")),
+    "latent_factor_not_a_power_of_two": Case(
+        "distill", ("--config=configs/latent.py:smoke,autoencoder.factor=3", "--workdir={run}"),
+        ("autoencoder factor f=3 must be a power of two",)),
+    "latent_decoder_larger_than_the_budget": Case(
+        "distill", ("--config=configs/latent.py:smoke,ipc=1,autoencoder.width=64",
+                    "--workdir={run}"),
+        ("parameters exceed the storage of ipc=1 images per class", "set lpc explicitly")),
+    "latent_pretrained_folder_without_config": Case(
+        "distill", ("--config=configs/latent.py:smoke,autoencoder.pretrained_dir='/nonexistent'",
+                    "--workdir={run}"),
+        ("no config.json in", "diffusers AutoencoderKL")),
     "merge_a_missing_set": Case("merge", ("--sets={run}/a,{run}/b", "--out={run}/merged"),
                                 ("no distilled set at",)),
     "teachers_without_block": Case("train_teachers", ("--config=configs/dm.py:smoke",),

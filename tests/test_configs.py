@@ -62,6 +62,8 @@ def _network_depth(config) -> int:
     return config.pool.depth
   if config.method == "mtt":
     return config.experts.model_kwargs.depth
+  if config.method == "latent":  # Networks on codes have pixel_depth - log2 f (LatentDD).
+    return config.pixel_depth
   if config.method == "apm":  # Teachers and students share the released `--model`.
     return config.teachers.model_kwargs.depth
   return config.pool.model_kwargs.depth

@@ -100,6 +100,8 @@ class SetMeta:
       set lives in, as `Preprocessor.to_arrays()` gives it plus its kind; values are numpy arrays
       (numeric or string) or str, round-tripped exactly by `save`/`load`.
     label_kind: one of `LABEL_KINDS`: what the set's labels are.
+    decoder: for kinds that decode their examples (latents, distributions), the JSON text of
+      the decoder's spec (`models.autoencoder.decoder_from_spec`); "" for the other kinds.
 
   >>> meta = SetMeta(method="frepo", dataset="digits", ipc=1, num_classes=10, image_shape=(8, 8, 1))
   >>> meta.preprocessing_kind
@@ -116,8 +118,12 @@ class SetMeta:
   image_shape: tuple[int, int, int]
   preprocessing: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "none"})
   label_kind: str = "class_ids"
+  decoder: str = ""
 
   def __post_init__(self):
+    if not isinstance(self.decoder, str):
+      raise ValueError(f"SetMeta.decoder must be the JSON text of a decoder spec, got "
+                       f"{type(self.decoder).__name__}; pass json.dumps(spec)")
     if self.label_kind not in LABEL_KINDS:
       raise ValueError(
           f"SetMeta.label_kind {self.label_kind!r} is unknown; use one of {', '.join(LABEL_KINDS)}"
@@ -151,7 +157,7 @@ class SetMeta:
 
   def _scalars(self) -> tuple:
     return (self.method, self.dataset, self.ipc, self.num_classes, self.image_shape,
-            self.label_kind)
+            self.label_kind, self.decoder)
 
   @property
   def preprocessing_kind(self) -> str:
@@ -185,7 +191,8 @@ class SetMeta:
     return (
         f"SetMeta(method={self.method!r}, dataset={self.dataset!r}, ipc={self.ipc}, "
         f"num_classes={self.num_classes}, image_shape={self.image_shape}, "
-        f"label_kind={self.label_kind!r}, preprocessing={{{entries}}})"
+        f"label_kind={self.label_kind!r}, preprocessing={{{entries}}}"
+        + (f", decoder={self.decoder!r})" if self.decoder else ")")
     )
 
   def to_json(self) -> dict[str, Any]:
@@ -197,6 +204,7 @@ class SetMeta:
         "num_classes": self.num_classes,
         "image_shape": list(self.image_shape),
         "label_kind": self.label_kind,
+        **({"decoder": self.decoder} if self.decoder else {}),
     }
 
 
@@ -234,6 +242,7 @@ class DistilledSet(abc.ABC):
   - `class_ids()`: `(N,)` hard labels, for grids and class-balanced baselines.
   - `preview()`: `(images (N, H, W, C) in the preprocessed space, class ids (N,))` to show.
   - `training_lr()`: a learned learning rate the set carries (MTT), or None.
+  - `for_training()`: the set the trainer draws from (default itself; latents decode once).
   """
 
   kind: ClassVar[str]
@@ -266,6 +275,17 @@ class DistilledSet(abc.ABC):
   def training_lr(self) -> float | None:
     """The learning rate the set was distilled for (MTT's learned lr), or None."""
     return None
+
+  def baseline_ipc(self) -> int:
+    """Images per class of the random real subset evaluated beside the set: `meta.ipc` for
+    kinds whose examples are images (the subset stores the same images and labels); kinds that
+    store something else (codes and a decoder) override it with an equal-storage IPC."""
+    return self.meta.ipc
+
+  def for_training(self) -> "DistilledSet":
+    """The set as a network trains on it: itself, or an equivalent set that draws faster (a
+    latent set decodes all its codes once and returns the images as a `pixels` set)."""
+    return self
 
   def data_fields(self) -> tuple[str, ...]:
     """Names of the fields that are pytree children (every field but `meta`)."""

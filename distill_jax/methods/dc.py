@@ -13,7 +13,9 @@ Every iteration (VICO-UoE/DatasetCondensation `main.py`, `outer_loop, inner_loop
     3. except after the last matching: `inner_loop` epochs of training the network on the
        synthetic set (SGD at `inner.lr`, batches of `inner.batch_size`, DSA per batch under DSA).
        The released code trains it on the synthetic images here (paper Algorithm 1, line 10:
-       `opt-alg(L^S)`), not on real data.
+       `opt-alg(L^S)`), not on real data. `inner.data="real"` trains it instead for
+       `inner.epochs` SGD steps on random real batches of `inner.batch_size` (IDC, Kim et al.
+       2022, which LatentDC follows: paper 002 section 3.3.1 and Algorithm 1, lines 12-13).
 
 One loop step here is one matching update (1-3), so a run has `num_steps * outer_loop` steps; the
 network, its optimiser state and the position in the outer loop are part of the state, and a new
@@ -39,6 +41,9 @@ from distill_jax.training import epoch_batch
 
 Array = jax.Array
 PyTree = Any
+
+# What the network trains on between matches: the released DC's synthetic set, or IDC's real data.
+INNER_DATA = ("synthetic", "real")
 
 # utils.py get_loops: (outer_loop, inner_loop) by ipc; the released code exits for other ipcs.
 LOOPS_BY_IPC = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -91,6 +96,9 @@ class DC(DistillMethod):
     self.net_tx = optax.sgd(config.inner.lr)  # main.py: SGD(net.parameters(), lr=args.lr_net).
     self.unroll = _pixels.resolve_loop(config.inner.loop) == "unrolled"
     self.y_syn = _pixels.initial_labels(data.num_classes, config.ipc)
+    if config.inner.data not in INNER_DATA:
+      raise ValueError(f"unknown config.inner.data {config.inner.data!r}; use one of "
+                       f"{', '.join(INNER_DATA)}")
 
   @property
   def num_steps(self) -> int:
@@ -141,27 +149,35 @@ class DC(DistillMethod):
                                              distance=self.config.outer.distance)
     return total
 
-  def train_network(self, params: PyTree, opt_state: Any, x_syn: Array, key: Array):
-    """`inner_loop` epochs of SGD on the synthetic set (main.py's `epoch('train', ...)`)."""
+  def train_network(self, params: PyTree, opt_state: Any, x_syn: Array, key: Array,
+                    real: tuple[Array, Array]):
+    """`inner_loop` epochs of SGD on the synthetic set (main.py's `epoch('train', ...)`), or
+    with `inner.data="real"` `inner_loop` SGD steps on uniformly drawn real batches `real`
+    (`(x_train, y_train)`; IDC / LatentDC Algorithm 1)."""
     inner = self.config.inner
-    num_train = x_syn.shape[0]
+    on_real = inner.data == "real"
+    x_pool, y_pool = real if on_real else (jax.lax.stop_gradient(x_syn), jnp.asarray(self.y_syn))
+    num_train = x_pool.shape[0]
     batch = min(inner.batch_size, num_train)
-    per_epoch = -(-num_train // batch)
+    per_epoch = 1 if on_real else -(-num_train // batch)
     shuffle_key, aug_key = jax.random.split(key)
-    x_syn = jax.lax.stop_gradient(x_syn)
 
     def one_step(carry, t):
       params, opt_state = carry
-      index, weights = epoch_batch(shuffle_key, t, num_train=num_train, batch_size=batch,
-                                   steps_per_epoch=per_epoch)
-      x = x_syn[index]
+      if on_real:
+        index = jax.random.randint(jax.random.fold_in(shuffle_key, t), (batch,), 0, num_train)
+        weights = jnp.ones((batch,), jnp.float32)
+      else:
+        index, weights = epoch_batch(shuffle_key, t, num_train=num_train, batch_size=batch,
+                                     steps_per_epoch=per_epoch)
+      x = x_pool[index]
       if self.config.outer.dsa_strategy:
         x = augment.dsa(jax.random.fold_in(aug_key, t), x,
                         strategy=self.config.outer.dsa_strategy, mode="single")
 
       def weighted_ce(p):
         logits = self.model.apply({"params": p}, x, train=True)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(self.y_syn)[index])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_pool[index])
         return jnp.sum(ce * weights) / jnp.sum(weights)
 
       grads = jax.grad(weighted_ce)(params)
@@ -192,7 +208,8 @@ class DC(DistillMethod):
     if self.outer_loop > 1:
       # Trained unconditionally and kept unless this was the iteration's last match: XLA:CPU
       # runs convolution gradients inside a `cond` branch many times slower.
-      trained, trained_opt = self.train_network(net, net_opt_state, x_syn, train_key)
+      trained, trained_opt = self.train_network(net, net_opt_state, x_syn, train_key,
+                                                (x_train, y_train))
       keep = position != 0
       net = jax.tree.map(lambda a, b: jnp.where(keep, a, b), trained, net)
       net_opt_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), trained_opt, net_opt_state)

@@ -386,6 +386,7 @@ def _vectorized(vectorize: bool | None) -> bool:
 def _training_view(training_set):
   """The set under a neutral method name, so that sets that differ only in where they came from
   (a distilled set and a random subset of the same size) share compiled programs."""
+  training_set = training_set.for_training()
   return training_set.replace(meta=dataclasses.replace(training_set.meta, method="train"))
 
 

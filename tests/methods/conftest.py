@@ -25,9 +25,10 @@ import time
 
 import pytest
 
+from tests.methods.smoke_child import METHODS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(ROOT, "tests", "methods", "smoke_child.py")
-METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm")
 TIMEOUT = 600
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm")
+METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm", "latent")
 
 
 def run(name, root):

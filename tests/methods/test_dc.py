@@ -103,7 +103,7 @@ def test_the_network_trains_between_matches_and_is_redrawn_every_iteration(four_
   # (inner_loop epochs of SGD with DSA).
   np.testing.assert_allclose(losses[0], loss(0, fresh[0]), rtol=1e-4)
   trained, _ = method.train_network(fresh[0], method.net_tx.init(fresh[0]), s1.x_syn,
-                                    _keys(s0)[4])
+                                    _keys(s0)[4], method.device_train_set)
   assert _close(s1.net, trained) and not _close(s1.net, fresh[0])
   # Update 2 matches with the trained network, not a fresh one, and trains it again.
   np.testing.assert_allclose(losses[1], loss(1, s1.net), rtol=1e-4)
@@ -130,6 +130,34 @@ def test_each_update_moves_the_images_against_the_gradient_with_momentum_one_hal
     x = x - lr * buf
     np.testing.assert_allclose(np.asarray(states[i + 1].x_syn), x, rtol=1e-4, atol=1e-5)
   assert float(np.abs(x - np.asarray(states[0].x_syn)).max()) > 0
+
+
+def test_idc_inner_training_takes_sgd_steps_on_uniform_real_batches():
+  """`inner.data="real"` (IDC / LatentDC): `inner.epochs` plain SGD steps, each on
+  `inner.batch_size` real images drawn uniformly with `fold_in(shuffle key, t)`, the synthetic
+  set unused; checked against a Python loop of NumPy-indexed batches."""
+  method = tiny("inner.data='real',inner.epochs=3,inner.batch_size=5")
+  x_train, y_train = method.device_train_set
+  params = method.model.init(jax.random.key(0), x_train[:1], train=False)["params"]
+  key = jax.random.key(7)
+  got, _ = jax.jit(method.train_network)(params, method.net_tx.init(params),
+                                         jnp.zeros((6, 8, 8, 1)), key, (x_train, y_train))
+  shuffle_key = jax.random.split(key)[0]
+  want = params
+  for t in range(3):
+    index = np.asarray(jax.random.randint(jax.random.fold_in(shuffle_key, t), (5,), 0,
+                                          len(y_train)))
+    x, y = np.asarray(x_train)[index], np.asarray(y_train)[index]
+
+    def ce(p, x=x, y=y):
+      logits = method.model.apply({"params": p}, x, train=True)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    want = jax.tree.map(lambda w, g: w - method.config.inner.lr * g, want, jax.grad(ce)(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown config.inner.data 'both'"):
+    tiny("inner.data='both'")
 
 
 def test_the_released_loop_table():
