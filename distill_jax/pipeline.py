@@ -81,8 +81,9 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
   """Evaluates a saved distilled set (`config.source` = its folder) or a random real subset.
 
   With `config.source == "random"` the evaluated set is a class-balanced random subset of
-  `config.ipc` real images per class; a saved set is evaluated beside a random subset of its
-  own IPC. With `config.full_data` the whole training set is evaluated as the upper bound too.
+  `config.ipc` real images per class; a saved set is evaluated beside a random subset of
+  `set.baseline_ipc()` images per class (its IPC; equal storage for latent sets). With
+  `config.full_data` the whole training set is evaluated as the upper bound too.
   """
   protocols = _protocol_names(config)
   data = _load_data(config)
