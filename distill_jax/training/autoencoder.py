@@ -14,6 +14,7 @@ finished one is opened without training. The codes of the whole training and eva
 stored", section 3.2).
 """
 
+import abc
 import dataclasses
 import hashlib
 import io
@@ -88,13 +89,14 @@ def autoencoder_spec(config: ml_collections.ConfigDict, data) -> AutoencoderSpec
       batch_size=a.batch_size, lr=float(a.lr), seed=int(a.seed))
 
 
-class _CachedCodes:
+class _CachedCodes(abc.ABC):
   """`encode_splits`: the codes of both splits, computed once and cached in `self.path`."""
 
   path: str
 
+  @abc.abstractmethod
   def encode(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
-    raise NotImplementedError
+    """`(N, H, W, ch)` preprocessed images -> `(N, h, w, c)` float32 codes."""
 
   def encode_splits(self, data) -> tuple[np.ndarray, np.ndarray]:
     """Codes of `data.x_train` and `data.x_test`, cached in the folder (`latents-<fp>.npz`)."""
