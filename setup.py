@@ -33,6 +33,8 @@ setuptools.setup(
         "matplotlib",
         "tensorboardX",
         "tqdm",  # The progress bar in terminals and notebooks (tqdm.auto).
+        # Runs D3's federated subtasks as jobs: local subprocesses or a SLURM job array.
+        "submitit>=1.5",
         # Reads a local Stable Diffusion VAE saved with PyTorch weights (LatentDD).
         "safetensors",
     ],

@@ -38,19 +38,30 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
 
   Returns the report dictionary (also written to `report.json`).
   """
+  method, data, distilled_set, distill_seconds = distill(config, workdir_path)
+  return report_set(config, data, distilled_set, workdir_path, distill_seconds, method=method)
+
+
+def distill(config: ml_collections.ConfigDict, workdir_path: str):
+  """Distils (or finds the finished set in the workdir); no evaluation.
+
+  Returns:
+    `(method, data, distilled_set, distill_seconds)`: the method object (validated and, when
+    it distilled, prepared), the `RealData`, the set and the distillation's seconds.
+  """
   method_class = methods.get_method(config.method)
-  protocols = _protocol_names(config)
-  data = _load_data(config)
+  _protocol_names(config)  # Protocol names and overrides fail here, before any work.
+  data = load_data(config)
   data.check_ipc(config.ipc)
   method = method_class(config, data)  # Validates the method's settings before any work.
   workdir = io_lib.Workdir(workdir_path)
-  _write_config(workdir, config)
+  write_config(workdir, config)
 
   timing_path = os.path.join(workdir.path, "distill_time.json")
   # Saves are atomic (distilled.save) and the timing is written first, so a set means both;
   # a set without its timing (the file deleted by hand) re-reads the seconds from the last
   # checkpoint, or distils again where the checkpoints are gone too.
-  timing = _read_json_or_none(timing_path)
+  timing = read_json(timing_path)
   if os.listdir(workdir.distilled_dir) and timing is not None:
     distilled_set = distilled_lib.load(workdir.distilled_dir)
     distill_seconds = timing["seconds"]
@@ -63,16 +74,37 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
                               "compile_seconds": result.compile_seconds, "steps": result.steps})
     if not os.listdir(workdir.distilled_dir):  # A saved set stays as it is.
       distilled_lib.save(workdir.distilled_dir, distilled_set)
+  return method, data, distilled_set, distill_seconds
 
-  _warn_if_blown_up(distilled_set, data, method)
+
+def is_distilled(workdir_path: str) -> bool:
+  """Whether `distill` finished in this workdir (its set and timing are there)."""
+  distilled_dir = os.path.join(workdir_path, "distilled")
+  return (os.path.isdir(distilled_dir) and bool(os.listdir(distilled_dir))
+          and os.path.isfile(os.path.join(workdir_path, "distill_time.json")))
+
+
+def report_set(config: ml_collections.ConfigDict, data: data_lib.RealData, distilled_set,
+               workdir_path: str, distill_seconds: float, *, method=None,
+               extras: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Evaluates `distilled_set` beside the random subset at its `baseline_ipc()` (and the
+  method's baselines), writes images and `report.json` (with the method's extras and `extras`)
+  into the workdir, and returns the report."""
+  protocols = _protocol_names(config)
+  workdir = io_lib.Workdir(workdir_path)
+  if method is not None:
+    _warn_if_blown_up(distilled_set, data, method)
   baselines = {"random_subset": random_subset_set(data, distilled_set.baseline_ipc(),
                                                   seed=config.seed)}
-  baselines.update(method.baselines())
+  if method is not None:
+    baselines.update(method.baselines())
   if not config.eval.random_subset:
     baselines.pop("random_subset")
   report = _evaluate_and_report(config, data, distilled_set, baselines, protocols, workdir,
                                 distill_seconds)
-  report.update(method.report_extras(distilled_set, workdir))
+  if method is not None:
+    report.update(method.report_extras(distilled_set, workdir))
+  report.update(extras or {})
   workdir.write_report(report)
   return report
 
@@ -86,7 +118,7 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
   `config.full_data` the whole training set is evaluated as the upper bound too.
   """
   protocols = _protocol_names(config)
-  data = _load_data(config)
+  data = load_data(config)
   if config.source == "random":
     data.check_ipc(config.ipc)
     distilled_set = random_subset_set(data, config.ipc, seed=config.seed)
@@ -101,7 +133,7 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
           f"config evaluates on {config.dataset!r}; pass dataset={distilled_set.meta.dataset}"
       )
   workdir = io_lib.Workdir(workdir_path)
-  _write_config(workdir, config)
+  write_config(workdir, config)
   baselines = {}
   if config.eval.random_subset and distilled_set.meta.method != "random":
     baselines["random_subset"] = random_subset_set(data, distilled_set.baseline_ipc(),
@@ -119,11 +151,16 @@ def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> d
   return report
 
 
-def _load_data(config: ml_collections.ConfigDict) -> data_lib.RealData:
+def load_data(config: ml_collections.ConfigDict) -> data_lib.RealData:
   """The config's dataset; with `validation_split` (configs that have it) N training images are
-  held out and evaluated on instead of the test split (for choosing hyperparameters)."""
-  return data_lib.load_real(config.dataset, config.preprocessing,
+  held out and evaluated on instead of the test split (for choosing hyperparameters); with
+  `subtask.count > 1` (D3's federated jobs) only subtask `subtask.index`'s classes."""
+  data = data_lib.load_real(config.dataset, config.preprocessing,
                             validation=config.get("validation_split", 0))
+  subtask = config.get("subtask")
+  if subtask is not None and subtask.count > 1:
+    data = data.subtask(subtask.index, subtask.count)
+  return data
 
 
 def _split_name(config: ml_collections.ConfigDict) -> str:
@@ -167,10 +204,10 @@ def _protocol(config, name: str, *, full_data: bool = False) -> evaluation.Proto
   return evaluation.get_protocol(name, **overrides)
 
 
-def _write_config(workdir: io_lib.Workdir, config: ml_collections.ConfigDict) -> None:
-  # Evaluation settings do not touch the distillation: a rerun may change them, and every
-  # evaluation whose settings changed runs again (see `_cached_evaluation`).
-  changed = workdir.write_config(config, may_change=("eval", "full_data_overrides"))
+def write_config(workdir: io_lib.Workdir, config: ml_collections.ConfigDict) -> None:
+  # Evaluation settings and how federated jobs run do not touch the distillation: a rerun may
+  # change them, and every evaluation whose settings changed runs again (`_cached_evaluation`).
+  changed = workdir.write_config(config, may_change=("eval", "full_data_overrides", "federated"))
   if changed:
     logging.info("Evaluation settings changed (%s); evaluations that depend on them run again.",
                  ", ".join(changed))
@@ -198,7 +235,7 @@ def _cached_evaluation(workdir: io_lib.Workdir, name: str, run: Callable[[], dic
   """
   path = os.path.join(workdir.path, "eval", f"{name}.json")
   if os.path.exists(path):
-    cached = _read_json_or_none(path)
+    cached = read_json(path)
     if cached is None:
       logging.warning("%s is not valid JSON; evaluating %s again.", path, name)
     elif cached.get("settings", settings) == settings:
@@ -294,7 +331,7 @@ def _write_images(data, distilled_set, subset, workdir: io_lib.Workdir) -> None:
                      np.asarray(labels), class_names=data.class_names)
 
 
-def _read_json_or_none(path: str) -> Any:
+def read_json(path: str) -> Any:
   """The JSON value in `path`, or None when the file is missing or not valid JSON."""
   try:
     with open(path, encoding="utf-8") as f:

@@ -12,7 +12,7 @@ import json
 
 from absl import flags, logging
 
-from distill_jax import data as data_lib
+from distill_jax import pipeline
 from distill_jax.training import experts
 from launch import common
 
@@ -23,13 +23,14 @@ flags.adopt_module_key_flags(common)
 
 
 def train(config, buffer_dir: str | None) -> experts.TrajectoryBuffer:
-  """Loads the config's dataset and trains its buffer into `buffer_dir` (or the cache)."""
+  """Loads the config's data (with its validation split or subtask, as `launch.distill` does)
+  and trains its buffer into `buffer_dir` (or the cache)."""
   if "experts" not in config:
     raise ValueError(
         f"config for method {config.method!r} has no `experts` block; use a trajectory-matching "
         "config such as configs/mtt.py"
     )
-  data = data_lib.load_real(config.dataset, config.preprocessing)
+  data = pipeline.load_data(config)
   spec = experts.expert_spec(config, data)
   path = buffer_dir or config.experts.buffer_dir or experts.default_buffer_dir(spec)
   logging.info("Expert buffer %s (digest %s): %s", path, spec.digest(), json.dumps(spec.to_dict()))

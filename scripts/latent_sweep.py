@@ -54,7 +54,7 @@ def main():
     if os.path.exists(out):
       continue
     config = latent_config.get_config(f"{arg},outer.lr_base={value}")
-    data = pipeline._load_data(config)
+    data = pipeline.load_data(config)
     method = methods.get_method("latent")(config, data)
     result = methods.run(method, io.Workdir(os.path.join(args.root, name)))
     record = {"lr_base": float(value), "lpc": method.lpc, "config": arg,
@@ -64,7 +64,7 @@ def main():
       json.dump(record, f, indent=1)
   if args.baselines:
     config = latent_config.get_config(arg)
-    data = pipeline._load_data(config)
+    data = pipeline.load_data(config)
     method = methods.get_method("latent")(config, data)
     codes = method.baselines()["random_latents"]
     subset = pipeline.random_subset_set(data, codes.baseline_ipc(), seed=config.seed)

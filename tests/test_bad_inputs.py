@@ -209,6 +209,19 @@ CASES = {
         "distill", ("--config=configs/latent.py:smoke,autoencoder.pretrained_dir='/nonexistent'",
                     "--workdir={run}"),
         ("no config.json in", "diffusers AutoencoderKL")),
+    # D3.
+    "d3_too_few_mmd_samples": Case(
+        "distill", ("--config=configs/d3.py:smoke,outer.mmd_samples=1", "--workdir={run}"),
+        ("under the 2 samples per class the unbiased MMD needs", "raise mmd_samples")),
+    "d3_unknown_decoder_size": Case(
+        "distill", ("--config=configs/d3.py:smoke,decoder.size='xxl'", "--workdir={run}"),
+        ("unknown decoder size 'xxl'",)),
+    "federated_one_subtask": Case(
+        "federated", ("--config=configs/d3.py:smoke", "--workdir={run}"),
+        ("needs subtask.count >= 2", "run launch.distill")),
+    "federated_uneven_split": Case(
+        "federated", ("--config=configs/d3.py:smoke,subtask.count=3", "--workdir={run}"),
+        ("subtask.count=3 must divide the 10 classes",)),
     "merge_a_missing_set": Case("merge", ("--sets={run}/a,{run}/b", "--out={run}/merged"),
                                 ("no distilled set at",)),
     "teachers_without_block": Case("train_teachers", ("--config=configs/dm.py:smoke",),

@@ -60,7 +60,7 @@ def _network_depth(config) -> int:
   """The depth of the network a method config distils with."""
   if config.method == "frepo":
     return config.pool.depth
-  if config.method == "mtt":
+  if config.method in ("mtt", "d3"):  # D3's student and MMD features: the experts' network.
     return config.experts.model_kwargs.depth
   if config.method == "latent":  # Networks on codes have pixel_depth - log2 f (LatentDD).
     return config.pixel_depth

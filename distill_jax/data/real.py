@@ -103,6 +103,33 @@ class RealData:
           f"images (its smallest class has {smallest}); set ipc to a value in that range"
       )
 
+  def subtask(self, index: int, count: int) -> "RealData":
+    """Subtask `index` of `count` contiguous class ranges (D3's federated distillation, paper
+    000 section 2.3): classes `index C/k .. (index + 1) C/k - 1` of both splits, relabelled
+    `0 .. C/k - 1`, with the whole set's preprocessing (so the subtasks' sets merge) and a
+    fingerprint of their own (so each subtask trains its own experts).
+
+    Raises:
+      ValueError: `count` does not divide the classes or `index` is outside `0 .. count - 1`.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1 or (
+        self.num_classes % count):
+      raise ValueError(f"subtask.count={count!r} must divide the {self.num_classes} classes of "
+                       f"{self.name} into equal contiguous ranges")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+      raise ValueError(f"subtask.index={index!r} must be in 0 .. {count - 1}")
+    local = self.num_classes // count
+    low = index * local
+
+    def keep(x, y):
+      mine = (y >= low) & (y < low + local)
+      return x[mine], (y[mine] - low).astype(np.int32)
+
+    x_train, y_train = keep(self.x_train, self.y_train)
+    x_test, y_test = keep(self.x_test, self.y_test)
+    return self.replace(num_classes=local, class_names=self.class_names[low:low + local],
+                        x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
   def to_images(self, x: Any) -> np.ndarray:
     """Preprocessed images back to `[0, 1]` pixels (clipped), for display."""
     x = np.asarray(x, np.float32)

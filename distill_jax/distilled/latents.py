@@ -122,11 +122,8 @@ class LatentSet(DistilledSet):
     return leaves
 
   def baseline_ipc(self) -> int:
-    """The smallest IPC whose random real subset (images and class ids, 4 bytes a value)
-    stores at least this set's bytes: the equal-storage baseline."""
-    per_ipc = self.meta.num_classes * storage.BYTES_PER_VALUE * (
-        math.prod(self.meta.image_shape) + 1)
-    return max(1, math.ceil(storage.storage_bytes(self) / per_ipc))
+    """The equal-storage IPC (`storage.equal_storage_ipc`)."""
+    return storage.equal_storage_ipc(self)
 
   def storage_without_decoder(self) -> int:
     """Bytes of the codes and labels alone (4 per value)."""

@@ -64,3 +64,20 @@ def ipc_equivalent(distilled_set: DistilledSet) -> float:
   return storage_bytes(distilled_set) / (
       meta.num_classes * math.prod(meta.image_shape) * BYTES_PER_VALUE
   )
+
+
+def equal_storage_ipc(distilled_set: DistilledSet) -> int:
+  """The smallest IPC whose random real subset (images and class ids, 4 bytes a value) stores
+  at least the set's bytes: the baseline at equal storage for sets that store something other
+  than images (D3: "IPC rounded up").
+
+  >>> import numpy as np
+  >>> from distill_jax.distilled import PixelSet, SetMeta
+  >>> meta = SetMeta(method="mtt", dataset="digits", ipc=1, num_classes=10, image_shape=(8, 8, 1))
+  >>> equal_storage_ipc(PixelSet(np.zeros((10, 8, 8, 1), np.float32), np.arange(10), lr=0.01,
+  ...                            meta=meta))  # 2604 bytes > 10 * 65 * 4: one image too many
+  2
+  """
+  meta = distilled_set.meta
+  per_ipc = meta.num_classes * BYTES_PER_VALUE * (math.prod(meta.image_shape) + 1)
+  return max(1, math.ceil(storage_bytes(distilled_set) / per_ipc))

@@ -36,7 +36,7 @@ import flax.linen as nn
 # Importing the model modules registers them in MODELS.
 from distill_jax.models import alexnet, common, convnet, resnet, vgg, vit  # noqa: F401
 # Decoders a latent set can name (`autoencoder.DECODERS`).
-from distill_jax.models import autoencoder, autoencoder_kl  # noqa: F401
+from distill_jax.models import autoencoder, autoencoder_kl, decoders  # noqa: F401
 from distill_jax.models.alexnet import AlexNet
 from distill_jax.models.common import MODELS
 from distill_jax.models.convnet import ConvNet

@@ -78,7 +78,7 @@ class Decoder(nn.Module):
     for i in reversed(range(1, levels)):
       x = _upsample(x)
       x = nn.relu(common.conv(x, self.width * 2**(i - 1), 3, init_scheme="flax", padding=1))
-    return _depth_to_space(common.conv(x, 4 * self.out_channels, 3, init_scheme="flax",
+    return depth_to_space(common.conv(x, 4 * self.out_channels, 3, init_scheme="flax",
                                        padding=1))
 
 
@@ -87,7 +87,7 @@ def _upsample(x: Array) -> Array:
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-def _depth_to_space(x: Array) -> Array:
+def depth_to_space(x: Array) -> Array:
   """`(B, h, w, 4 ch)` -> `(B, 2h, 2w, ch)`: channel `(2 a + b) ch + k` becomes pixel
   `(2 i + a, 2 j + b)`, channel k."""
   b, h, w, c4 = x.shape

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm", "latent")
+METHODS = ("frepo", "mtt", "dc", "dm", "d3s", "apm", "latent", "d3")
 
 
 def run(name, root):

@@ -44,7 +44,7 @@ def test_encode_and_decode_shapes_and_the_decoder_spec(factor, latent_channels, 
 
 def test_depth_to_space_places_the_sub_pixels_as_documented():
   x = np.arange(2 * 3 * 3 * 8, dtype=np.float32).reshape(2, 3, 3, 8)  # ch = 2.
-  y = np.asarray(autoencoder_lib._depth_to_space(jnp.asarray(x)))
+  y = np.asarray(autoencoder_lib.depth_to_space(jnp.asarray(x)))
   for a in range(2):
     for b in range(2):
       np.testing.assert_array_equal(y[:, a::2, b::2, :], x[..., (2 * a + b) * 2:(2 * a + b + 1) * 2])

@@ -19,7 +19,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_bit_identically(smoke_r
   expected = np.load(smoke_runs.reference / f"{name}.npz")
   resumed = np.load(smoke_runs.killed / f"{name}.npz")
   assert sorted(resumed.files) == sorted(expected.files)
-  assert {"x", "z"} & set(expected.files)  # Images, or latent codes.
+  assert {"x", "z", "priors"} & set(expected.files)  # Images, latent codes or priors.
   for array in expected.files:
     np.testing.assert_array_equal(resumed[array], expected[array], err_msg=array)
   # Both segments logged, each step once, each segment compiled its step once.

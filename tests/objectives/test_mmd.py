@@ -5,23 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from scipy.spatial.distance import cdist
 
 from distill_jax.objectives import mmd2
+from tests.references import numpy_mmd2 as _numpy_mmd2
 
 BANDWIDTHS = (1.0, 2.0, 4.0, 8.0, 16.0)
-
-
-def _numpy_mmd2(x, y, bandwidths=BANDWIDTHS, unbiased=True):
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  kernel = lambda a, b: sum(np.exp(-cdist(a, b, "sqeuclidean") / (2 * s ** 2))
-                            for s in bandwidths)
-  k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
-  n, m = len(x), len(y)
-  if unbiased:
-    return ((k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
-            + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1)) - 2 * k_xy.mean())
-  return k_xx.mean() + k_yy.mean() - 2 * k_xy.mean()
 
 
 @pytest.mark.parametrize("unbiased", [True, False])
