@@ -307,7 +307,6 @@ class D3(DistillMethod):
     """The decoder's size and the expert buffer behind the run."""
     del workdir
     buffer = self.buffer or experts_lib.ensure_buffer(self.config, self.data)
-    accuracy = buffer.metrics()["test_accuracy"]
     decoder_values = sum(math.prod(np.shape(leaf))
                          for leaf in jax.tree.leaves(distilled_set.decoders))
     return {
@@ -315,10 +314,7 @@ class D3(DistillMethod):
                "lpc": self.lpc, "z_dim": self.z_dim,
                "subtask": {"index": self.config.subtask.index,
                            "count": self.config.subtask.count}},
-        "experts": {"buffer_dir": buffer.path, "num_experts": buffer.num_experts,
-                    "num_epochs": buffer.num_epochs,
-                    "final_test_accuracy": {"mean": float(accuracy[:, -1].mean()),
-                                            "std": float(accuracy[:, -1].std())}},
+        "experts": mtt_lib.expert_summary(buffer, self.config.inner.max_start_epoch),
     }
 
 

@@ -235,18 +235,20 @@ class MTT(DistillMethod):
   def report_extras(self, distilled_set, workdir) -> dict[str, Any]:
     """The expert buffer behind the run: where it is and how good its experts are."""
     del distilled_set, workdir
-    buffer = self.buffer or experts_lib.ensure_buffer(self.config, self.data)
-    accuracy = buffer.metrics()["test_accuracy"]
-    return {
-        "experts": {
-            "buffer_dir": buffer.path,
-            "num_experts": buffer.num_experts,
-            "num_epochs": buffer.num_epochs,
-            # Test accuracy of the experts after their last epoch and at max_start_epoch.
-            "final_test_accuracy": {"mean": float(accuracy[:, -1].mean()),
-                                    "std": float(accuracy[:, -1].std())},
-            "test_accuracy_at_max_start_epoch": float(
-                accuracy[:, min(self.config.inner.max_start_epoch, buffer.num_epochs)].mean()
-            ),
-        }
-    }
+    return {"experts": expert_summary(self.buffer or experts_lib.ensure_buffer(
+        self.config, self.data), self.config.inner.max_start_epoch)}
+
+
+def expert_summary(buffer, max_start_epoch: int) -> dict[str, Any]:
+  """report.json's `experts` block: the buffer's path and size, and its experts' test accuracy
+  after their last epoch and at `max_start_epoch` (MTT and D3 share the buffers)."""
+  accuracy = buffer.metrics()["test_accuracy"]
+  return {
+      "buffer_dir": buffer.path,
+      "num_experts": buffer.num_experts,
+      "num_epochs": buffer.num_epochs,
+      "final_test_accuracy": {"mean": float(accuracy[:, -1].mean()),
+                              "std": float(accuracy[:, -1].std())},
+      "test_accuracy_at_max_start_epoch": float(
+          accuracy[:, min(max_start_epoch, buffer.num_epochs)].mean()),
+  }
