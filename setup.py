@@ -41,6 +41,7 @@ setuptools.setup(
     extras_require={
         # tfds catalog datasets (cifar10, ...) are prepared through TensorFlow.
         "tf": ["tensorflow-cpu"],
-        "test": ["pytest>=8"],
+        # pytest-xdist: the suite runs in two worker processes (pytest.ini).
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
 )

@@ -10,7 +10,7 @@ task (`distilled.merge_subtasks`: k decoders, priors concatenated, labels mapped
   workdir/subtask_<j>/   subtask j's own run folder (config, checkpoints, set), written by
                          `pipeline.distill` inside job j
   workdir/submitit/      submitit's job folders (logs, pickled calls and results)
-  workdir/distilled/     the merged set
+  workdir/distilled/     the merged set (with soft labels if `federated.soft_labels`)
   workdir/report.json    the merged set evaluated on the whole task beside the random subset at
                          equal storage (`pipeline.report_set`)
 
@@ -25,13 +25,17 @@ import copy
 import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from distill_jax import distilled as distilled_lib
 from distill_jax import io as io_lib
 from distill_jax import methods
+from distill_jax import models
 from distill_jax import pipeline
+from distill_jax.training import experts as experts_lib
 
 EXECUTORS = ("local", "slurm", "debug")
 
@@ -62,8 +66,10 @@ def subtask_dir(workdir: str, index: int) -> str:
 def run_subtask(config: dict[str, Any], workdir: str) -> str:
   """Job body: distils one subtask into `workdir` (resuming its checkpoints); returns it.
 
-  Takes the config as a plain dict so that submitit pickles no ConfigDict.
+  Takes the config as a plain dict so that submitit pickles no ConfigDict. Progress goes to the
+  job's stderr log (`workdir/submitit/<job>_0_log.err` of the federated run), as in launch.distill.
   """
+  logging.set_verbosity(logging.INFO)  # A job process is not an absl app: INFO is off otherwise.
   pipeline.distill(ml_collections.ConfigDict(config), workdir)
   return workdir
 
@@ -90,6 +96,37 @@ def make_executor(config: ml_collections.ConfigDict, folder: str):
   return executor
 
 
+def soft_label_epoch(config: ml_collections.ConfigDict) -> int:
+  """The labelling expert's epoch: `federated.soft_label_epoch`, or M = `inner.expert_epochs`
+  (the released `soft_label.py` labels with `expert_trajectory[args.expert_epochs]`)."""
+  epoch = config.federated.soft_label_epoch
+  return config.inner.expert_epochs if epoch is None else epoch
+
+
+def soft_labelled(merged, config: ml_collections.ConfigDict, data):
+  """`merged` with soft labels from one expert of the whole task (D3 App. E.3, `soft_label.py`).
+
+  The expert is drawn from `config.seed` out of the whole task's buffer (trained first where the
+  cache has none: for the CPU preset it is MTT's cached `cpu` buffer) at `soft_label_epoch`; its
+  softmax on every prior's mean decode becomes the prior's `(C,)` label
+  (`DistributionSet.with_soft_labels`).
+
+  Args:
+    merged: the merged `DistributionSet` (class ids of the whole task).
+    config: the whole task's config (`subtask.count = 1`).
+    data: the whole task's `RealData`.
+  """
+  buffer = experts_lib.ensure_buffer(config, data)
+  expert = int(np.random.default_rng(config.seed).integers(buffer.num_experts))
+  variables = buffer.variables(expert, soft_label_epoch(config))
+  model = models.get_model(config.experts.model, num_classes=data.num_classes,
+                           **dict(config.experts.model_kwargs))
+  logits_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
+  logging.info("federated: soft labels from expert %d at epoch %d", expert,
+               soft_label_epoch(config))
+  return merged.with_soft_labels(logits_fn)
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """One-line errors before any job starts: the split, the executor, and the method's config on
   subtask 0's data."""
@@ -100,9 +137,24 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.federated.executor not in EXECUTORS:
     raise ValueError(f"unknown federated.executor {config.federated.executor!r}; use one of "
                      f"{', '.join(EXECUTORS)}")
+  epoch = soft_label_epoch(config)
+  if config.federated.soft_labels and not 0 < epoch <= config.experts.num_epochs:
+    raise ValueError(f"federated.soft_label_epoch {epoch} is outside the experts' 1.."
+                     f"{config.experts.num_epochs} epochs; set it in that range")
   data = pipeline.load_data(subtask_config(config, 0))
   data.check_ipc(config.ipc)
   methods.get_method(config.method)(subtask_config(config, 0), data)
+
+
+def _why(error: Exception) -> str:
+  """One line on why a job failed: the last line of its error, or that it left no result."""
+  import submitit
+
+  failed = isinstance(error, submitit.core.utils.FailedJobError)  # Raised: it has a message.
+  if isinstance(error, submitit.core.utils.UncompletedJobError) and not failed:
+    return "the job ended without a result (killed, out of memory or out of time)"
+  lines = str(error).strip().splitlines()
+  return lines[-1] if lines else type(error).__name__
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -130,8 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         job.result()
         logging.info("federated: subtask %d finished", j)
       except Exception as e:  # submitit raises its own error types (failed, timed out).
-        failed.append(f"subtask {j} (job {job.job_id}, log {job.paths.stderr}): "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+        failed.append(f"subtask {j} (job {job.job_id}, log {job.paths.stderr}): {_why(e)}")
     if failed:
       raise SubtaskFailedError(
           "; ".join(failed) + "; rerun the same command: finished subtasks are kept and the "
@@ -145,6 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     parts = [distilled_lib.load(os.path.join(subtask_dir(workdir, j), "distilled"))
              for j in range(count)]
     merged = distilled_lib.merge_subtasks(parts, data.set_meta(config.method, config.ipc))
+    if config.federated.soft_labels:
+      merged = soft_labelled(merged, full, data)
     distilled_lib.save(workdir_obj.distilled_dir, merged)
   seconds = [pipeline.read_json(os.path.join(subtask_dir(workdir, j), "distill_time.json"))
              ["seconds"] for j in range(count)]

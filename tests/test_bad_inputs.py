@@ -326,9 +326,12 @@ def _has_checkpoint(run) -> bool:
 def test_ctrl_c_says_where_it_stopped_and_the_rerun_resumes(tmp_path):
   run = tmp_path / "run"
   config = f"--config={DM},num_steps=1000,checkpoint_every=10"  # Seconds of margin under load.
+  # A terminal's foreground job: Ctrl-C not ignored, whatever this test worker inherited (in
+  # the full xdist suite a worker's children once ignored SIGINT and ran to the end).
   process = subprocess.Popen([sys.executable, "-m", "launch.distill", config, f"--workdir={run}"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=_env())
+                             env=_env(),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.time() + 300
   while time.time() < deadline and not _has_checkpoint(run):
     time.sleep(0.05)

@@ -122,6 +122,22 @@ class DistributionSet(DistilledSet):
     z = jnp.asarray(self.priors)[..., 0]
     return np.asarray(jax.jit(self.decode)(z, jnp.asarray(self.part)), np.float32)
 
+  def with_soft_labels(self, logits_fn: Any) -> "DistributionSet":
+    """This set relabelled with `y = softmax(logits_fn(mean_images()))`, `(N, C)` float32
+    probabilities (`label_kind` "probabilities"; D3 App. E.3, the released `soft_label.py`: a
+    full-task expert's softmax on every prior's mean decode). The labels count in storage.
+
+    Args:
+      logits_fn: `(N, H, W, ch)` preprocessed images -> `(N, C)` logits.
+    """
+    logits = np.asarray(logits_fn(jnp.asarray(self.mean_images())), np.float32)
+    if logits.shape != (self.num_examples, self.meta.num_classes):
+      raise ValueError(f"soft labels need ({self.num_examples}, {self.meta.num_classes}) logits "
+                       f"(N, C), got {logits.shape}; label with a network of the whole task")
+    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1), np.float32)
+    return dataclasses.replace(self, y=probabilities,
+                               meta=dataclasses.replace(self.meta, label_kind="probabilities"))
+
   def class_ids(self) -> np.ndarray:
     y = np.asarray(self.y)
     return (y if y.ndim == 1 else y.argmax(-1)).astype(np.int32)

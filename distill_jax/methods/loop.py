@@ -28,7 +28,10 @@ gives.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from typing import Any
 
@@ -152,6 +155,32 @@ class Interrupted(KeyboardInterrupt):
   """Ctrl-C during the steps; the message says where it stopped and what the checkpoints keep."""
 
 
+@contextlib.contextmanager
+def _ctrl_c_at_step_boundaries():
+  """Within: a first Ctrl-C only sets the returned flag, which the loop checks after each step
+  (so no library call, e.g. a checkpoint being written, can swallow it); a second interrupts
+  at once. Outside the main thread (no signal handlers there) the flag stays empty."""
+  flag: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def first(signum, frame):
+    del frame
+    flag.append(signum)
+    signal.signal(signal.SIGINT, previous)
+
+  previous = signal.getsignal(signal.SIGINT)
+  if previous is signal.SIG_IGN:  # Started with Ctrl-C ignored (a background job): keep it so.
+    yield flag
+    return
+  previous = signal.signal(signal.SIGINT, first) or signal.default_int_handler
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *, seconds):
   config = method.config
   num_steps = method.num_steps
@@ -173,24 +202,27 @@ def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *,
     pending = None  # (step, metrics) of the step before the one in flight.
     step = done
     try:
-      for step in range(done + 1, num_steps + 1):
-        future = reader.submit(method.inputs, step + 1) if step < num_steps else None
-        state, metrics = step_fn(state, inputs)
-        if pending is not None:
-          check_finite(method, *pending, last_checkpoint)
-        pending = (step, metrics)
-        is_last = step == num_steps
-        if step % config.log_every == 0 or is_last:
-          host = check_finite(method, step, metrics, last_checkpoint)
-          writer.write(step, **host, step_traces=len(traces))
-          progress.log(step, **{name: host[name] for name in method.watched})
-        if step % config.checkpoint_every == 0 or is_last:
-          check_finite(method, step, metrics, last_checkpoint)  # Never save a diverged state.
-          check_state_finite(method, step, state, last_checkpoint)
-          checkpointer.save(step, {"state": state, "seconds": np.asarray(seconds(), np.float64)})
-          last_checkpoint = step
-        if future is not None:
-          inputs = future.result()
+      with _ctrl_c_at_step_boundaries() as ctrl_c:
+        for step in range(done + 1, num_steps + 1):
+          future = reader.submit(method.inputs, step + 1) if step < num_steps else None
+          state, metrics = step_fn(state, inputs)
+          if pending is not None:
+            check_finite(method, *pending, last_checkpoint)
+          pending = (step, metrics)
+          is_last = step == num_steps
+          if step % config.log_every == 0 or is_last:
+            host = check_finite(method, step, metrics, last_checkpoint)
+            writer.write(step, **host, step_traces=len(traces))
+            progress.log(step, **{name: host[name] for name in method.watched})
+          if step % config.checkpoint_every == 0 or is_last:
+            check_finite(method, step, metrics, last_checkpoint)  # Never save a diverged state.
+            check_state_finite(method, step, state, last_checkpoint)
+            checkpointer.save(step, {"state": state, "seconds": np.asarray(seconds(), np.float64)})
+            last_checkpoint = step
+          if future is not None:
+            inputs = future.result()
+          if ctrl_c:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
       kept = (f"the checkpoint of step {last_checkpoint} is kept" if last_checkpoint
               else "no checkpoint was written yet")

@@ -13,10 +13,11 @@ import pytest
 from configs import d3 as d3_config
 from configs import mtt as mtt_config
 from distill_jax import data as data_lib
-from distill_jax import distilled, federated, pipeline
+from distill_jax import distilled, federated, models, pipeline
 from distill_jax.distilled import DistributionSet, SetMeta
 from distill_jax.methods import d3
 from distill_jax.models import decoders
+from distill_jax.training import experts as experts_lib
 from tests import references
 
 
@@ -162,6 +163,23 @@ def test_merging_subtasks_maps_labels_back_and_decodes_each_part_with_its_own_de
     distilled.merge_subtasks(parts, _meta(num_classes=6)[0])
 
 
+def test_soft_labels_are_the_softmax_of_the_logits_on_the_mean_decodes(tmp_path):
+  merged = distilled.merge_subtasks([_set(seed=1), _set(seed=2)], _meta(num_classes=4)[0])
+  w = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+  labelled = merged.with_soft_labels(lambda x: x.reshape(len(x), -1) @ w)
+  logits = merged.mean_images().reshape(12, -1) @ w
+  expected = np.exp(logits - logits.max(1, keepdims=True))
+  np.testing.assert_allclose(labelled.y, expected / expected.sum(1, keepdims=True), rtol=1e-4,
+                             atol=1e-6)
+  assert labelled.meta.label_kind == "probabilities"
+  np.testing.assert_array_equal(labelled.class_ids(), np.asarray(labelled.y).argmax(1))
+  assert distilled.storage_bytes(labelled) == distilled.storage_bytes(merged) + 4 * 12 * 3
+  distilled.save(tmp_path / "set", labelled)
+  np.testing.assert_array_equal(distilled.load(tmp_path / "set").y, labelled.y)
+  with pytest.raises(ValueError, match=r"need \(12, 4\) logits"):
+    merged.with_soft_labels(lambda x: x.reshape(len(x), -1)[:, :3])
+
+
 def test_a_subtask_is_a_contiguous_class_range_relabelled_from_zero():
   x = np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1)
   y = np.repeat(np.arange(6, dtype=np.int32), 2)
@@ -236,12 +254,21 @@ def test_a_federated_run_merges_its_subtasks_and_a_rerun_redoes_only_the_unfinis
   config = d3_config.get_config(
       "smoke,subtask.count=2,federated.executor='debug',num_steps=2,checkpoint_every=1,"
       "inner.steps=1,inner.max_start_epoch=1,experts.num_experts=1,experts.experts_per_shard=1,"
-      "experts.num_epochs=1,eval.num_models=1,eval.overrides.mtt.epochs=5")
+      "experts.num_epochs=1,eval.num_models=1,eval.overrides.mtt.epochs=5,"
+      "federated.soft_labels=True")
   workdir = str(tmp_path / "fed")
   report = federated.run(config, workdir)
   merged = distilled.load(os.path.join(workdir, "distilled"))
   assert merged.num_decoders == 2 and merged.meta.num_classes == 10
-  np.testing.assert_array_equal(merged.class_ids(), np.repeat(np.arange(10), config.ipc))
+  # Soft labels: the whole task's expert (1 expert, epoch M = 1) on the mean decodes.
+  full = federated.full_task_config(config)
+  data = pipeline.load_data(full)
+  variables = experts_lib.ensure_buffer(full, data).variables(0, 1)
+  model = models.get_model(full.experts.model, num_classes=10, **dict(full.experts.model_kwargs))
+  logits = np.asarray(model.apply(variables, merged.mean_images(), train=False), np.float64)
+  expected = np.exp(logits - logits.max(1, keepdims=True))
+  np.testing.assert_allclose(merged.y, expected / expected.sum(1, keepdims=True), atol=1e-5)
+  assert merged.meta.label_kind == "probabilities"
   assert report["random_subset"]["ipc"] == merged.baseline_ipc()
   assert len(report["federated"]["subtask_distill_seconds"]) == 2
   # Subtask 1 "killed" before it saved its set: only it runs again, from its checkpoint.
@@ -259,3 +286,12 @@ def test_a_federated_run_merges_its_subtasks_and_a_rerun_redoes_only_the_unfinis
   np.testing.assert_array_equal(again.priors, merged.priors[merged.part == 1])
   with pytest.raises(ValueError, match="subtask.count >= 2"):
     federated.run(d3_config.get_config("smoke"), str(tmp_path / "one"))
+
+
+def test_a_failed_job_is_named_by_its_error_and_a_killed_one_as_ended_without_a_result():
+  import submitit
+
+  killed = submitit.core.utils.UncompletedJobError("... submitit INFO - Loading pickle: x.pkl")
+  raised = submitit.core.utils.FailedJobError("Traceback ...\n  line\nValueError: ipc too large")
+  assert "ended without a result (killed" in federated._why(killed)
+  assert federated._why(raised) == "ValueError: ipc too large"
