@@ -33,7 +33,6 @@ from absl import logging
 from distill_jax import distilled as distilled_lib
 from distill_jax import io as io_lib
 from distill_jax import methods
-from distill_jax import models
 from distill_jax import pipeline
 from distill_jax.training import experts as experts_lib
 
@@ -119,8 +118,7 @@ def soft_labelled(merged, config: ml_collections.ConfigDict, data):
   buffer = experts_lib.ensure_buffer(config, data)
   expert = int(np.random.default_rng(config.seed).integers(buffer.num_experts))
   variables = buffer.variables(expert, soft_label_epoch(config))
-  model = models.get_model(config.experts.model, num_classes=data.num_classes,
-                           **dict(config.experts.model_kwargs))
+  model = experts_lib.expert_spec(config, data).make_model()
   logits_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
   logging.info("federated: soft labels from expert %d at epoch %d", expert,
                soft_label_epoch(config))
