@@ -41,7 +41,13 @@ setuptools.setup(
     extras_require={
         # tfds catalog datasets (cifar10, ...) are prepared through TensorFlow.
         "tf": ["tensorflow-cpu"],
+        # Accelerators (README "Several devices and hosts"): JAX's CUDA 12 wheels with their
+        # NVIDIA libraries, or the TPU runtime. The default install stays CPU-only.
+        "cuda12": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
         # pytest-xdist: the suite runs in two worker processes (pytest.ini).
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # nbclient + ipykernel: tests/test_notebooks.py runs colab/*.ipynb in a Jupyter kernel.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6"],
     },
 )

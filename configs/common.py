@@ -181,4 +181,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   config.eval.random_subset = True  # Evaluate a random real subset of the same size beside the set.
   # Per-protocol field overrides, e.g. {"mtt": {"epochs": 300}}.
   config.eval.overrides = ml_collections.ConfigDict()
+  # Devices (distill_jax.parallel): the run's mesh, devices per named axis; -1 = all the
+  # devices the other axis leaves. `data` splits batches, `model` splits stacks of networks.
+  # Ours (the authors' codes run on one device or pmap/DataParallel over one axis).
+  config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+  # Several processes/hosts (jax.distributed): empty = from the environment (JAX_COORDINATOR_
+  # ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or SLURM's srun, else one process.
+  config.distributed = ml_collections.ConfigDict(
+      {"coordinator_address": "", "num_processes": 0, "process_id": -1})
   return config

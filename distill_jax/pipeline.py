@@ -13,10 +13,15 @@ command again after a kill resumes where the run stopped:
   images/                grids of the distilled set and of the random subset
   report.json            storage, downstream cost and accuracy side by side
 
+Each job runs on the mesh of `config.mesh` (`distill_jax.parallel`). In a run of several
+processes every process computes everything and only process 0 writes files (Orbax checkpoints
+are written by all processes together).
+
 Nothing here reads a set's arrays directly: evaluation, grids and the report go through the set
 protocol of `distill_jax.distilled.DistilledSet`, so every kind is handled the same way.
 """
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -31,6 +36,18 @@ from distill_jax import distilled as distilled_lib
 from distill_jax import evaluation
 from distill_jax import io as io_lib
 from distill_jax import methods
+from distill_jax import parallel
+
+
+def _on_the_config_mesh(job: Callable[..., Any]) -> Callable[..., Any]:
+  """Runs `job(config, ...)` with the mesh of `config.mesh` active (`parallel.use_mesh`)."""
+
+  @functools.wraps(job)
+  def run(config: ml_collections.ConfigDict, *args, **kwargs):
+    with parallel.use_mesh(parallel.mesh_from_config(config)):
+      return job(config, *args, **kwargs)
+
+  return run
 
 
 def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -> dict[str, Any]:
@@ -42,6 +59,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str) -
   return report_set(config, data, distilled_set, workdir_path, distill_seconds, method=method)
 
 
+@_on_the_config_mesh
 def distill(config: ml_collections.ConfigDict, workdir_path: str):
   """Distils (or finds the finished set in the workdir); no evaluation.
 
@@ -72,7 +90,7 @@ def distill(config: ml_collections.ConfigDict, workdir_path: str):
     distilled_set, distill_seconds = result.distilled_set, result.seconds
     _write_json(timing_path, {"seconds": distill_seconds,
                               "compile_seconds": result.compile_seconds, "steps": result.steps})
-    if not os.listdir(workdir.distilled_dir):  # A saved set stays as it is.
+    if parallel.is_writer() and not os.listdir(workdir.distilled_dir):  # A saved set stays.
       distilled_lib.save(workdir.distilled_dir, distilled_set)
   return method, data, distilled_set, distill_seconds
 
@@ -84,6 +102,7 @@ def is_distilled(workdir_path: str) -> bool:
           and os.path.isfile(os.path.join(workdir_path, "distill_time.json")))
 
 
+@_on_the_config_mesh
 def report_set(config: ml_collections.ConfigDict, data: data_lib.RealData, distilled_set,
                workdir_path: str, distill_seconds: float, *, method=None,
                extras: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,6 +128,7 @@ def report_set(config: ml_collections.ConfigDict, data: data_lib.RealData, disti
   return report
 
 
+@_on_the_config_mesh
 def evaluate_baseline(config: ml_collections.ConfigDict, workdir_path: str) -> dict[str, Any]:
   """Evaluates a saved distilled set (`config.source` = its folder) or a random real subset.
 
@@ -205,9 +225,10 @@ def _protocol(config, name: str, *, full_data: bool = False) -> evaluation.Proto
 
 
 def write_config(workdir: io_lib.Workdir, config: ml_collections.ConfigDict) -> None:
-  # Evaluation settings and how federated jobs run do not touch the distillation: a rerun may
-  # change them, and every evaluation whose settings changed runs again (`_cached_evaluation`).
-  changed = workdir.write_config(config, may_change=("eval", "full_data_overrides", "federated"))
+  # Evaluation settings and how federated jobs or devices run do not touch the distillation: a
+  # rerun may change them, and every evaluation whose settings changed runs again (`_cached_evaluation`).
+  changed = workdir.write_config(config, may_change=(
+      "eval", "full_data_overrides", "federated", "mesh", "distributed"))
   if changed:
     logging.info("Evaluation settings changed (%s); evaluations that depend on them run again.",
                  ", ".join(changed))

@@ -358,25 +358,63 @@ def test_no_tpu_probe_line_on_cpu(finished):
   result = _launch("distill", f"--config={DM}", f"--workdir={finished}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Unable to initialize backend" not in result.stderr
+  assert "names no preset" not in result.stderr  # A preset was given.
 
 
-def test_a_blown_up_set_is_reported_with_the_fix(tmp_path):
-  # lr 1e6 keeps every loss finite (no divergence stop) but drives the pixels to ~1e5.
-  result = _launch("distill", f"--config={DM},outer.lr=1e6,eval.num_models=1",
+def test_a_run_without_a_preset_says_it_is_paper_scale(tmp_path):
+  # The workdir is a file, so the run stops right after the notice (no hours of distillation).
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  result = _launch("distill", "--config=configs/dm.py", f"--workdir={blocker}")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert ("--config=configs/dm.py names no preset, so this is the papers' full-scale default "
+          "(20000 steps on fashion_mnist)") in result.stderr
+  assert "--config=configs/dm.py:smoke (about a minute)" in result.stderr
+
+
+@pytest.mark.parametrize("config, fix", [
+    # lr 1e6 keeps every loss finite (no divergence stop) but drives the pixels to ~1e5.
+    (f"{DM},outer.lr=1e6", "lower outer.lr (now 1000000.0)"),
+    # The issue's case: MTT's lr_img 1e12 takes the pixels to ~6e9 with finite losses and the
+    # set far below the random subset.
+    ("configs/mtt.py:smoke,outer.lr_img=1e12", "lower outer.lr_img (now 1000000000000.0)"),
+], ids=["dm_lr", "mtt_lr_img"])
+def test_a_blown_up_set_is_reported_with_the_fix(config, fix, tmp_path):
+  result = _launch("distill", f"--config={config},eval.num_models=1",
                    f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "the set has likely blown up; lower outer.lr (now 1000000.0)" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert f"the set has likely blown up; {fix}" in result.stderr
 
 
-def test_a_full_disk_is_one_line_that_says_the_rerun_resumes():
-  # No test can fill the disk; the launcher's handler gets the error a full disk raises.
+def test_os_errors_are_one_line_naming_the_path():
+  # The launcher's handler given the errors of each fault; tests/test_faults_machine.py makes
+  # them happen for real (a disk that fills during a run, read-only folders, as root too).
   import errno
 
   from launch import common
 
+  resumes = "free some space and rerun the same command: it resumes from the last checkpoint"
   message = common.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/r/ckpt"))
-  assert message == ("the disk is full (writing /r/ckpt); free some space and rerun the same "
-                     "command: it resumes from the last checkpoint")
-  assert "pass a writable --workdir" in common.os_error_message(
-      PermissionError(errno.EACCES, "Permission denied", "/r"))
+  assert message == f"the disk is full (writing /r/ckpt); {resumes}"
+  # Orbax's checkpoint writes fail with tensorstore's ValueError: the errno and the file are in
+  # the text (before the spec, whose paths are not the file).
+  tensorstore = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "x/.zarray" in OCDBT database at local file "/r/c/": '
+      'Failed writing: "/r/c/d/9f": Failed to write 187 bytes to file 14: No space left on '
+      'device [os_error_code=\'28\'] [tensorstore_spec=\'{"path":"/r/c/"}\']')
+  assert common.os_error_message(tensorstore) == f"the disk is full (writing /r/c/d/9f); {resumes}"
+  try:  # Raised while handling a full disk: still the full disk.
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+      raise RuntimeError("save failed") from e
+  except RuntimeError as e:
+    assert common.os_error_message(e) == f"the disk is full (writing the workdir); {resumes}"
+  assert common.os_error_message(OSError(errno.EDQUOT, "Disk quota exceeded", "/r")).startswith(
+      "the disk quota is exceeded (writing /r); free some space")
+  assert common.os_error_message(PermissionError(errno.EACCES, "Permission denied", "/r")) == (
+      "cannot write /r (Permission denied); pass a writable --workdir or fix its permissions")
+  assert common.os_error_message(OSError(errno.EROFS, "Read-only file system", "/r")) == (
+      "cannot write /r: its file system is read-only; pass a --workdir on a writable disk")
   assert common.os_error_message(OSError(errno.EIO, "I/O error")) is None  # Not ours: traceback.

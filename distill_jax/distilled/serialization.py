@@ -22,8 +22,10 @@ import os
 import uuid
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.handlers.composite_checkpoint_handler import CompositeOptions
 from etils import epath
 
 from distill_jax.distilled.base import KINDS, DistilledSet, SetMeta
@@ -50,7 +52,19 @@ def _describe(array: np.ndarray, key: str) -> dict[str, Any]:
 
 
 def _checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  """Orbax's composite checkpointer for one process alone: a set is saved by process 0 and
+  loaded by every process, so Orbax must not wait at barriers for the job's other processes
+  (`jax.distributed`); with one process this is Orbax's default."""
+  me = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(
+          composite_options=CompositeOptions(multiprocessing_options=alone),
+          arrays=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+          meta=ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+      ),
+      multiprocessing_options=alone,
+  )
 
 
 def save(path: str | os.PathLike, distilled_set: DistilledSet) -> None:

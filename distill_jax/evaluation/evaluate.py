@@ -89,8 +89,8 @@ def evaluate(
     y_test: (N_test,) int test class ids.
     seed: seed of the networks' keys (`split(key(seed), num_models)`).
     num_models: number of networks M.
-    vectorize: train the networks in one vmapped program (None: on accelerators only; same
-      results either way).
+    vectorize: train the networks in one vmapped program (None: on accelerators and on a mesh
+      of several devices, where the networks split over `model`; same results either way).
     log_every: steps between progress log lines.
 
   Returns:
@@ -108,8 +108,6 @@ def evaluate(
   lr = training_set.training_lr() if protocol.use_learned_lr else None
   if lr is not None and not (np.isfinite(lr) and lr > 0):
     raise ValueError(f"the set's learned lr is {lr}; it must be a positive finite number")
-  if vectorize is None:
-    vectorize = jax.default_backend() != "cpu"
   trainer = Trainer.for_set(protocol, training_set, chunk=log_every)
   trained = trainer.train(jax.random.split(jax.random.key(seed), num_models), training_set,
                           lr=lr, vectorize=vectorize, label=f"eval[{protocol.name}]",

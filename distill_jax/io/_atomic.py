@@ -3,12 +3,17 @@
 `os.replace` is atomic on POSIX and Windows within one filesystem, so a reader (or a rerun after
 a kill) sees the old file or the new one, never a half-written one. The file gets the permissions
 an ordinary `open(path, "w")` would give it (0666 less the umask; `mkstemp` alone gives 0600).
+
+In a run of several processes (`jax.distributed`) only process 0 writes: the others compute the
+same content, and their writes are skipped.
 """
 
 import os
 import tempfile
 from collections.abc import Callable
 from typing import IO
+
+from distill_jax.parallel import distributed as parallel
 
 
 def _read_umask() -> int:
@@ -21,7 +26,10 @@ _FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-  """Calls `write(file)` on a temporary file next to `path`, then renames it to `path`."""
+  """Calls `write(file)` on a temporary file next to `path`, then renames it to `path` (on
+  process 0 only; see the module docstring)."""
+  if not parallel.is_writer():
+    return
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

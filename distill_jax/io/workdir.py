@@ -114,6 +114,9 @@ class Workdir:
       raise ValueError(f"cannot create the workdir {self.path}: {e.filename} is a file; pass "
                        "another --workdir") from None
     if not os.access(self.path, os.W_OK) or not os.access(self.checkpoint_dir, os.W_OK):
+      if os.statvfs(self.path).f_flag & os.ST_RDONLY:  # No permission can fix this one.
+        raise ValueError(f"workdir {self.path} is on a read-only file system; pass a --workdir "
+                         "on a writable disk")
       raise ValueError(f"workdir {self.path} is not writable; pass a writable --workdir or fix "
                        "its permissions")
 

@@ -16,6 +16,7 @@ import optax
 
 from distill_jax import data as data_lib
 from distill_jax import models
+from distill_jax import parallel
 from distill_jax.data import augment
 
 Array = jax.Array
@@ -73,9 +74,11 @@ def initial_labels(num_classes: int, ipc: int) -> np.ndarray:
 def real_class_batches(key: Array, x_train: Array, y_train: Array, *, per_class: int,
                        num_classes: int) -> Array:
   """`(C, per_class, H, W, ch)`: `per_class` distinct random real images of every class (the
-  released `get_images(c, n)` for every c), drawn inside the jitted step."""
+  released `get_images(c, n)` for every c), drawn inside the jitted step; on a mesh each
+  class's images are split over `data`."""
   index = data_lib.balanced_indices(key, y_train, per_class=per_class, num_classes=num_classes)
-  return x_train[index].reshape(num_classes, per_class, *x_train.shape[1:])
+  batches = x_train[index].reshape(num_classes, per_class, *x_train.shape[1:])
+  return parallel.constrain_leading(batches, "data", dim=1)
 
 
 def siamese_dsa(key: Array, x_real: Array, x_syn: Array, *, strategy: str) -> tuple[Array, Array]:

@@ -43,6 +43,7 @@ import optax
 
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
+from distill_jax import parallel
 from distill_jax.methods import _pixels
 from distill_jax.methods.base import DistillMethod, register_method
 from distill_jax.objectives import prediction_matching_loss
@@ -236,7 +237,8 @@ class APM(DistillMethod):
     config = self.config
     key, batch_key, teacher_key, student_key = jax.random.split(state.key, 4)
     indices = jax.random.permutation(batch_key, self.num_images)[:self.batch_size]
-    x_b, y_b = state.x_syn[indices], jnp.asarray(self.labels)[indices]
+    x_b, y_b = parallel.constrain_leading(  # On a mesh: the minibatch over `data`.
+        (state.x_syn[indices], jnp.asarray(self.labels)[indices]), "data")
     pick = lambda m: jax.tree.map(lambda a: a[m], teachers)  # noqa: E731
 
     def refresh(_):

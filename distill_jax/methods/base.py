@@ -13,7 +13,11 @@ step is:
                        a resumed run reads what an uninterrupted run would
   step(state, inputs)  one pure, jitted update -> (state, scalar metrics); the loop donates
                        `state`
-  result(state)        the distilled set (a `distill_jax.distilled.DistilledSet`)
+  result(state)        the distilled set (a `distill_jax.distilled.DistilledSet`) of the state
+                       copied to host memory (numpy leaves)
+  state_shardings(s)   where each state leaf lives on the run's mesh (default: replicated;
+                       FRePo splits its pool over `model`); `step` splits its batches with
+                       `parallel.constrain_leading` (see `distill_jax.parallel`)
   watched              metric names that must stay finite; `divergence_hint()` names the fix
   report_extras(...)   optional additions to report.json (FRePo's KRR accuracy)
   baselines()          optional further baselines beside the random subset (soft-label sets)
@@ -30,6 +34,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import ml_collections
 
+from distill_jax import parallel
 from distill_jax.registry import Registry, UnknownNameError
 
 PyTree = Any
@@ -66,8 +71,9 @@ class DistillMethod(abc.ABC):
   def device_train_set(self) -> tuple[Any, Any]:
     """`(x_train, y_train)` of the real data on the device, placed once: the `inputs` of
     methods whose step samples its real batches itself (the same arrays every step, no copy)."""
-    return (jnp.asarray(self.data.x_train, jnp.float32),
-            jnp.asarray(self.data.y_train, jnp.int32))
+    arrays = (jnp.asarray(self.data.x_train, jnp.float32),
+              jnp.asarray(self.data.y_train, jnp.int32))
+    return parallel.place(arrays, parallel.replicated())  # Every device of the mesh holds it.
 
   def prepare(self) -> None:
     """Long host-side work needed before the first step (default: none)."""
@@ -87,7 +93,12 @@ class DistillMethod(abc.ABC):
 
   @abc.abstractmethod
   def result(self, state: PyTree):
-    """The distilled set of a state."""
+    """The distilled set of a state (whose array leaves the loop copied to numpy)."""
+
+  def state_shardings(self, abstract_state: PyTree) -> PyTree:
+    """Where each leaf of the state lives on the current mesh, from `jax.eval_shape(init)`
+    (called only when a mesh of several devices is active); default: replicated."""
+    return parallel.replicated_shardings(abstract_state)
 
   def divergence_hint(self) -> str:
     """What to change when a watched metric diverges (one clause, naming config keys)."""

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from distill_jax import parallel
 from distill_jax.distilled.distribution import DistributionSet
 from distill_jax.methods import _pixels
 from distill_jax.methods import mtt as mtt_lib
@@ -219,6 +220,7 @@ class D3(DistillMethod):
 
     def student_loss(params, indices, y, step_key):
       x, _ = synthetic.draw(indices, key=step_key)
+      x, y = parallel.constrain_leading((x, y), "data")  # On a mesh: the minibatch over `data`.
       logits = self.model.apply({"params": params}, x, train=True)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 

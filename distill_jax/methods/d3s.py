@@ -43,6 +43,7 @@ import optax
 
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
+from distill_jax import parallel
 from distill_jax.data import crops
 from distill_jax.methods import _pixels
 from distill_jax.methods.base import DistillMethod, register_method
@@ -220,7 +221,9 @@ class D3S(DistillMethod):
     m = b % self.config.teachers.num_teachers if self.config.ens else jnp.zeros((), jnp.int32)
     pick = lambda tree: jax.tree.map(lambda a: a[m], tree)  # noqa: E731
     start = b * size
-    x_b = jax.lax.dynamic_slice_in_dim(state.x_syn, start, size)
+    # On a mesh the batch is split over `data` (its statistics reduce across devices).
+    x_b = parallel.constrain_leading(jax.lax.dynamic_slice_in_dim(state.x_syn, start, size),
+                                     "data")
     y_b = (start + jnp.arange(size)) % self.data.num_classes
     opt_state = jax.tree.map(lambda a: jnp.where(t == 0, jnp.zeros_like(a), a), state.opt_state)
     key, aug_key = jax.random.split(state.key)

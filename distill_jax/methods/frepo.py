@@ -33,6 +33,7 @@ from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
 from distill_jax import evaluation
 from distill_jax import io as io_lib
+from distill_jax import parallel
 from distill_jax.methods.base import DistillMethod, register_method
 from distill_jax.models import get_model
 from distill_jax.objectives import krr_predict, label_margin_loss, mse_loss
@@ -283,6 +284,11 @@ class FRePo(DistillMethod):
         key=step_key,
     )
 
+  def state_shardings(self, abstract_state: FRePoState) -> FRePoState:
+    """On a mesh: the pool's members split over `model`, everything else replicated."""
+    shardings = parallel.replicated_shardings(abstract_state)
+    return shardings.replace(pool=parallel.stack_shardings(abstract_state.pool, "model"))
+
   def inputs(self, step: int) -> tuple[Array, Array]:
     """The real training set on the device (the step samples its batch from it)."""
     del step
@@ -320,9 +326,11 @@ class FRePo(DistillMethod):
       )
 
     # Real batch drawn uniformly (with replacement) inside the program: no host-side sampling.
+    # On a mesh the real batch is split over `data` (its features, and the kernel rows).
     real_index = jax.random.randint(real_key, (outer.real_batch_size,), 0, x_train.shape[0])
-    y_real = centered_one_hot(y_train[real_index], self.num_classes)
-    feat_real = jax.lax.stop_gradient(self.pool.features(member, x_train[real_index]))
+    x_real, y_real = parallel.constrain_leading(
+        (x_train[real_index], centered_one_hot(y_train[real_index], self.num_classes)), "data")
+    feat_real = jax.lax.stop_gradient(self.pool.features(member, x_real))
 
     def loss_of(syn):
       return frepo_loss(

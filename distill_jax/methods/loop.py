@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from distill_jax import io as io_lib
+from distill_jax import parallel
 from distill_jax.methods.base import DistillMethod, DivergenceError
 
 
@@ -54,7 +55,7 @@ def check_finite(method: DistillMethod, step: int, metrics: dict[str, Any],
     metrics: scalar metrics (device arrays).
     last_checkpoint: the step of the newest checkpoint, named in the message.
   """
-  host = {name: float(value) for name, value in jax.device_get(metrics).items()}
+  host = {name: float(value) for name, value in parallel.to_host(metrics).items()}
   bad = {name: host[name] for name in method.watched if not np.isfinite(host[name])}
   if bad:
     shown = ", ".join(f"{name}={value}" for name, value in host.items() if name in method.watched)
@@ -81,7 +82,7 @@ def check_state_finite(method: DistillMethod, step: int, state, last_checkpoint:
   update diverges still reports finite metrics; this check keeps such a state out of the
   checkpoints.
   """
-  if not bool(_is_finite(state)):
+  if not bool(parallel.to_host(_is_finite(state))):
     kept = ("no checkpoint was written yet" if last_checkpoint is None
             else f"the checkpoint of step {last_checkpoint} holds the last finite state")
     raise DivergenceError(
@@ -118,11 +119,14 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
   config = method.config
   num_steps = method.num_steps
   method.prepare()
+  key = jax.random.key(config.seed)
+  shardings = _state_shardings(method, key)
   # What a checkpoint holds: the method's state and the run's seconds up to it.
-  saved = {"state": jax.jit(method.init)(jax.random.key(config.seed)),
+  init = jax.jit(method.init, **({} if shardings is None else {"out_shardings": shardings}))
+  saved = {"state": init(key),
            "seconds": np.zeros((), np.float64)}
   checkpointer = io_lib.Checkpointer(workdir.checkpoint_dir)
-  writer = io_lib.MetricWriter(workdir)
+  writer = io_lib.MetricWriter(workdir) if parallel.is_writer() else _NoMetrics()
   compile_seconds = 0.0
   try:
     done = checkpointer.latest_step() or 0
@@ -139,7 +143,7 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
     state = saved["state"]
     if done < num_steps:
       state, compile_seconds = _run_steps(
-          method, state, done, checkpointer, writer,
+          method, state, shardings, done, checkpointer, writer,
           seconds=lambda: earlier + time.perf_counter() - begin)
       checkpointer.wait()
       total = earlier + time.perf_counter() - begin
@@ -148,7 +152,28 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
   finally:
     writer.close()
     checkpointer.close()
-  return RunResult(method.result(state), total, compile_seconds, num_steps)
+  return RunResult(method.result(parallel.to_host(state)), total, compile_seconds, num_steps)
+
+
+def _state_shardings(method: DistillMethod, key) -> Any:
+  """Where the state lives on the current mesh (`method.state_shardings`), or None without
+  one (jit's default placement: one device, today's programs)."""
+  if parallel.current_mesh() is None:
+    return None
+  return method.state_shardings(jax.eval_shape(method.init, key))
+
+
+class _NoMetrics:
+  """The metric writer of processes other than 0 in a multi-process run: they log nothing."""
+
+  def write(self, step, **scalars) -> None:
+    del step, scalars
+
+  def truncate(self, after_step: int) -> None:
+    del after_step
+
+  def close(self) -> None:
+    pass
 
 
 class Interrupted(KeyboardInterrupt):
@@ -181,7 +206,8 @@ def _ctrl_c_at_step_boundaries():
     signal.signal(signal.SIGINT, previous)
 
 
-def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *, seconds):
+def _run_steps(method: DistillMethod, state, shardings, done: int, checkpointer, writer, *,
+               seconds):
   config = method.config
   num_steps = method.num_steps
   traces = []
@@ -190,11 +216,17 @@ def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *,
     traces.append(None)
     return method.step(state, inputs)
 
+  def read(step):  # On a mesh, host inputs go to every device (methods split them in `step`).
+    return parallel.place(method.inputs(step), parallel.replicated())
+
+  jit_options = {}
+  if shardings is not None:
+    jit_options["out_shardings"] = (shardings, parallel.replicated())
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-    inputs = method.inputs(done + 1)
+    inputs = read(done + 1)
     logging.info("%s: compiling the step ...", method.name)
     begin = time.perf_counter()
-    step_fn = jax.jit(traced_step, donate_argnums=0).lower(state, inputs).compile()
+    step_fn = jax.jit(traced_step, donate_argnums=0, **jit_options).lower(state, inputs).compile()
     compile_seconds = time.perf_counter() - begin
     logging.info("%s: compiled the step in %.1f s.", method.name, compile_seconds)
     progress = io_lib.ProgressLogger(num_steps, every=config.log_every, start_step=done)
@@ -204,8 +236,10 @@ def _run_steps(method: DistillMethod, state, done: int, checkpointer, writer, *,
     try:
       with _ctrl_c_at_step_boundaries() as ctrl_c:
         for step in range(done + 1, num_steps + 1):
-          future = reader.submit(method.inputs, step + 1) if step < num_steps else None
+          future = reader.submit(read, step + 1) if step < num_steps else None
           state, metrics = step_fn(state, inputs)
+          if parallel.one_call_in_flight():
+            jax.block_until_ready(metrics)
           if pending is not None:
             check_finite(method, *pending, last_checkpoint)
           pending = (step, metrics)

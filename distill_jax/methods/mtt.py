@@ -35,6 +35,7 @@ import optax
 from distill_jax import data as data_lib
 from distill_jax import distilled as distilled_lib
 from distill_jax import models
+from distill_jax import parallel
 from distill_jax.data import augment
 from distill_jax.methods import _pixels
 from distill_jax.methods.base import DistillMethod, register_method
@@ -168,6 +169,7 @@ class MTT(DistillMethod):
       key: DSA key (one op of `inner.dsa_strategy` per batch, per-image parameters); None: no
         DSA.
     """
+    x, y = parallel.constrain_leading((x, y), "data")  # On a mesh: the minibatch over `data`.
     if key is not None:
       x = augment.dsa(key, x, strategy=self.config.inner.dsa_strategy, mode="single")
     logits = self.model.apply({"params": params}, x, train=True)

@@ -14,6 +14,10 @@ per-network kernels (grouped convolutions) and convolutions inside `scan` loops 
 slower than plain ones (benchmarks/eval_throughput.py). Both give the same networks for the
 same keys (`vectorize=True` forces the vmapped program on CPU too).
 
+On a mesh of several devices (`distill_jax.parallel`, set by the pipeline from `config.mesh`)
+the networks are vmapped by default, their stack is split over the mesh axis `model` and each
+network's batch over `data` (`jax.vmap(spmd_axis_name="model")`); the set is replicated.
+
 Batching follows PyTorch's `DataLoader(shuffle=True, drop_last=False)`: every epoch is a new
 permutation of the set (one per network), cut into `ceil(N / B)` batches; the last batch of an
 epoch is filled up with wrapped-around examples of weight zero and the loss is the weighted mean,
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from distill_jax import parallel
 from distill_jax.data import augment
 from distill_jax.data import crops
 from distill_jax.training.recipe import Recipe
@@ -232,6 +237,7 @@ class Trainer:
     x, y = training_set.draw(indices, key=jax.random.fold_in(state.aug_key, t + self.num_steps),
                              epoch=t // self.steps_per_epoch,
                              run_key=jax.random.fold_in(state.shuffle_key, _RUN_KEY_DATA))
+    x, y, weights = parallel.constrain_leading((x, y, weights), "data")  # On a mesh.
     x = self.augment(aug_key, x)
     targets = self.recipe.targets_fn(self.label_kind, self.num_classes)(y)
     rngs = {"dropout": jax.random.fold_in(state.dropout_key, t)}
@@ -331,11 +337,15 @@ class Trainer:
           f"{training_set.num_examples}; build it with Trainer.for_set(recipe, set)"
       )
     vectorize = _vectorized(vectorize)
-    training_set = jax.device_put(_training_view(training_set))
-    lr_device = jnp.asarray(self.recipe.lr if lr is None else lr, jnp.float32)
+    training_set = _training_view(training_set)
+    training_set = (jax.device_put(training_set) if parallel.current_mesh() is None
+                    else parallel.place(training_set, parallel.replicated()))
+    lr_device = np.float32(parallel.to_host(self.recipe.lr if lr is None else lr))
     begin = time.perf_counter()
     if state is None:
       state = self.initial_state(keys, training_set.meta.image_shape, vectorize=vectorize)
+    state = parallel.place(state, parallel.stack_shardings(state, "model") if vectorize
+                           else parallel.replicated())  # On a mesh; see the module docstring.
     states = [state] if vectorize else [jax.tree.map(lambda a, i=i: a[i], state)
                                         for i in range(len(keys))]
     compile_seconds = time.perf_counter() - begin
@@ -348,9 +358,11 @@ class Trainer:
     while t < self.num_steps:
       stop = min([t + self.chunk, self.num_steps] + [s for s in save_points if s > t])
       call_begin = time.perf_counter()
-      outputs = [_run_program(self, vectorize, s, jnp.int32(t), jnp.int32(stop), training_set,
+      outputs = [_run_program(self, vectorize, s, np.int32(t), np.int32(stop), training_set,
                               lr_device) for s in states]
       states = [s for s, _ in outputs]
+      if parallel.one_call_in_flight():
+        jax.block_until_ready(states)
       pending.append(([losses for _, losses in outputs], stop - t))
       if loop_begin is None:  # The first call compiles: its time is compile time.
         jax.block_until_ready(states)
@@ -380,7 +392,9 @@ class Trainer:
 
 
 def _vectorized(vectorize: bool | None) -> bool:
-  return jax.default_backend() != "cpu" if vectorize is None else bool(vectorize)
+  if vectorize is not None:
+    return bool(vectorize)
+  return jax.default_backend() != "cpu" or parallel.current_mesh() is not None
 
 
 def _training_view(training_set):
@@ -412,9 +426,17 @@ def _init_program(trainer: Trainer, vectorized: bool, keys: Array, x_example: Ar
 def _run_program(trainer: Trainer, vectorized: bool, state: TrainState, start: Array,
                  stop: Array, training_set, lr: Array) -> tuple[TrainState, Array]:
   if vectorized:
-    return jax.vmap(trainer.run, in_axes=(0, None, None, None, None))(
-        state, start, stop, training_set, lr)
+    return jax.vmap(trainer.run, in_axes=(0, None, None, None, None),
+                    spmd_axis_name=_network_axis(state))(state, start, stop, training_set, lr)
   return trainer.run(state, start, stop, training_set, lr)
+
+
+def _network_axis(stack) -> str | None:
+  """`"model"` when a stack of networks is split over that mesh axis (so that the batch
+  constraints inside the vmapped step keep it split), else None."""
+  leaf = jax.tree.leaves(stack)[0]
+  sharding = parallel.stack_sharding(np.shape(leaf), "model")
+  return "model" if sharding is not None and sharding.spec else None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -449,6 +471,6 @@ def classification_accuracy(predict: Callable[[Array], Array], x_test: Any, y_te
     if valid < batch:  # Padded rows get label -1, which no prediction matches.
       x = np.concatenate([x, np.zeros((batch - valid, *x.shape[1:]), np.float32)])
       y = np.concatenate([y, np.full(batch - valid, -1, np.int32)])
-    hits = np.asarray(jnp.argmax(predict(jnp.asarray(x)), axis=-1)) == y
+    hits = parallel.to_host(jnp.argmax(predict(x), axis=-1)) == y
     correct = correct + hits.sum(axis=-1, dtype=np.float64)
   return np.asarray(correct / len(x_test), np.float64)
