@@ -23,10 +23,13 @@ protocol of `distill_jax.distilled.DistilledSet`, so every kind is handled the s
 
 import functools
 import json
+import math
 import os
+import resource
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -88,8 +91,11 @@ def distill(config: ml_collections.ConfigDict, workdir_path: str):
   else:
     result = methods.run(method, workdir)
     distilled_set, distill_seconds = result.distilled_set, result.seconds
-    _write_json(timing_path, {"seconds": distill_seconds,
-                              "compile_seconds": result.compile_seconds, "steps": result.steps})
+    timing = {"seconds": distill_seconds, "compile_seconds": result.compile_seconds,
+              "steps": result.steps, "peak_host_rss_mb": _peak_host_rss_mb()}
+    if math.isfinite(result.ms_per_step):
+      timing["ms_per_step"] = result.ms_per_step
+    _write_json(timing_path, timing)
     if parallel.is_writer() and not os.listdir(workdir.distilled_dir):  # A saved set stays.
       distilled_lib.save(workdir.distilled_dir, distilled_set)
   return method, data, distilled_set, distill_seconds
@@ -126,6 +132,34 @@ def report_set(config: ml_collections.ConfigDict, data: data_lib.RealData, disti
   report.update(extras or {})
   workdir.write_report(report)
   return report
+
+
+def _peak_host_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB.
+
+
+def resource_card(timing: dict[str, Any] | None) -> dict[str, Any]:
+  """report.json's `resources`: what the run took and where it ran.
+
+  `distill_seconds` (every resumed segment), `compile_seconds` and `ms_per_step` (the last
+  segment's steps after compilation) and `peak_host_rss_mb` (of the process that finished the
+  distillation, measured when it did; of this process when nothing was distilled) from
+  `distill_time.json`;
+  `peak_device_mb` where the backend reports `memory_stats` (accelerators); the device kind and
+  the counts of devices and processes.
+  """
+  devices = jax.devices()
+  card = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "process_count": jax.process_count(),
+          "peak_host_rss_mb": (timing or {}).get("peak_host_rss_mb") or _peak_host_rss_mb()}
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  if any(peaks):
+    card["peak_device_mb"] = max(p for p in peaks if p) / 2**20
+  if timing:
+    card.update(distill_seconds=timing.get("seconds"), steps=timing.get("steps"),
+                compile_seconds=timing.get("compile_seconds"),
+                ms_per_step=timing.get("ms_per_step"))
+  return card
 
 
 @_on_the_config_mesh
@@ -338,6 +372,7 @@ def _evaluate_and_report(config, data, distilled_set, baselines: dict, protocols
                                "protocol": protocols[0], "label_kind": distilled_set.label_kind}
   if distilled_set.training_lr() is not None:
     report["learned_lr"] = distilled_set.training_lr()
+  report["resources"] = resource_card(read_json(os.path.join(workdir.path, "distill_time.json")))
   workdir.write_report(report)
   logging.info("Report written to %s:\n%s", workdir.report_path, json.dumps(report, indent=2))
   return report

@@ -187,6 +187,16 @@ def finished_run(tmp_path_factory):
   return workdir
 
 
+def _workdir(kind: str, finished_run, tmp_path):
+  """A fresh copy of the finished run (`kind="finished"`) or an empty folder."""
+  run = tmp_path / "run"
+  if kind == "finished":
+    shutil.copytree(finished_run, run)
+  else:
+    run.mkdir()
+  return run
+
+
 # The tests of `finished_run` in one xdist worker (pytest.ini: --dist loadgroup): one run to copy.
 _ONE_WORKER = pytest.mark.xdist_group("finished_faults")
 
@@ -194,11 +204,7 @@ _ONE_WORKER = pytest.mark.xdist_group("finished_faults")
 @_ONE_WORKER
 @pytest.mark.parametrize("workdir", ["empty", "finished"])
 def test_a_read_only_workdir_is_one_line_also_for_root(workdir, finished_run, tmp_path):
-  run = tmp_path / "run"
-  if workdir == "finished":
-    shutil.copytree(finished_run, run)
-  else:
-    run.mkdir()
+  run = _workdir(workdir, finished_run, tmp_path)
   before = _snapshot(run)
   _read_only(run)
   try:
@@ -222,11 +228,7 @@ def test_a_read_only_workdir_is_one_line_also_for_root(workdir, finished_run, tm
 @pytest.mark.parametrize("workdir", ["empty", "finished"])
 def test_a_workdir_on_a_read_only_disk_is_one_line_also_for_root(workdir, finished_run, tmp_path):
   # A read-only mount stops root too: the case root meets (a read-only share or bind mount).
-  run = tmp_path / "run"
-  if workdir == "finished":
-    shutil.copytree(finished_run, run)
-  else:
-    run.mkdir()
+  run = _workdir(workdir, finished_run, tmp_path)
   before = _snapshot(run)
   mounts = _MountNamespace(f"mount --bind {run} {run} && mount -o remount,bind,ro {run}")
   try:

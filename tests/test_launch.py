@@ -72,6 +72,12 @@ def test_distill_writes_the_workdir_contract(dm_run):
   with open(dm_run / "distill_time.json") as f:
     timing = json.load(f)
   assert timing["steps"] == 30 and timing["seconds"] == report["distill_seconds"]
+  # The resource card: what the run took and where it ran.
+  card = report["resources"]
+  assert card["distill_seconds"] == timing["seconds"] and card["steps"] == 30
+  assert card["ms_per_step"] == timing["ms_per_step"] > 0 and card["compile_seconds"] > 0
+  assert (card["platform"], card["device_count"], card["process_count"]) == ("cpu", 1, 1)
+  assert card["peak_host_rss_mb"] > 100  # JAX alone takes more.
 
 
 def test_a_kill_after_the_timing_was_written_reruns_to_completion(dm_run, tmp_path, fast_env):

@@ -100,12 +100,15 @@ class RunResult:
     seconds: wall-clock seconds of the whole run, summed over every resumed segment.
     compile_seconds: seconds this segment spent compiling the step (0 if nothing was left).
     steps: `method.num_steps`.
+    ms_per_step: wall-clock milliseconds per step of this segment after compilation (logging and
+      checkpoints included; NaN if no step was left).
   """
 
   distilled_set: Any
   seconds: float
   compile_seconds: float
   steps: int
+  ms_per_step: float = float("nan")
 
 
 def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
@@ -127,7 +130,7 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
            "seconds": np.zeros((), np.float64)}
   checkpointer = io_lib.Checkpointer(workdir.checkpoint_dir)
   writer = io_lib.MetricWriter(workdir) if parallel.is_writer() else _NoMetrics()
-  compile_seconds = 0.0
+  compile_seconds, ms_per_step = 0.0, float("nan")
   try:
     done = checkpointer.latest_step() or 0
     if done > num_steps:
@@ -142,7 +145,7 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
     earlier = float(saved["seconds"])
     state = saved["state"]
     if done < num_steps:
-      state, compile_seconds = _run_steps(
+      state, compile_seconds, ms_per_step = _run_steps(
           method, state, shardings, done, checkpointer, writer,
           seconds=lambda: earlier + time.perf_counter() - begin)
       checkpointer.wait()
@@ -152,7 +155,8 @@ def run(method: DistillMethod, workdir: io_lib.Workdir) -> RunResult:
   finally:
     writer.close()
     checkpointer.close()
-  return RunResult(method.result(parallel.to_host(state)), total, compile_seconds, num_steps)
+  return RunResult(method.result(parallel.to_host(state)), total, compile_seconds, num_steps,
+                   ms_per_step)
 
 
 def _state_shardings(method: DistillMethod, key) -> Any:
@@ -230,6 +234,7 @@ def _run_steps(method: DistillMethod, state, shardings, done: int, checkpointer,
     compile_seconds = time.perf_counter() - begin
     logging.info("%s: compiled the step in %.1f s.", method.name, compile_seconds)
     progress = io_lib.ProgressLogger(num_steps, every=config.log_every, start_step=done)
+    steps_begin = time.perf_counter()
     last_checkpoint = done or None
     pending = None  # (step, metrics) of the step before the one in flight.
     step = done
@@ -263,4 +268,4 @@ def _run_steps(method: DistillMethod, state, shardings, done: int, checkpointer,
       raise Interrupted(f"at step {step} of {num_steps}; {kept}") from None
     finally:
       progress.close()
-  return state, compile_seconds
+  return state, compile_seconds, 1e3 * (time.perf_counter() - steps_begin) / (num_steps - done)
