@@ -172,7 +172,8 @@ def load_real(name: str, preprocessing: str, *, validation: int = 0) -> RealData
     validation: when positive, this many training images (an equal number per class, drawn
       with seed 0) are held out and become the evaluation split in place of the test split;
       the preprocessor is fitted on the rest, which is all that teachers, experts and methods
-      see. Hyperparameters are chosen on this split, never on the test split.
+      see; the test split is not loaded. Hyperparameters are chosen on this split, never on
+      the test split.
 
   Returns:
     A `RealData` whose fingerprint digests the raw training arrays, `preprocessing` and the
@@ -180,9 +181,10 @@ def load_real(name: str, preprocessing: str, *, validation: int = 0) -> RealData
   """
   info = datasets.info(name)
   x_train, y_train = datasets.load(name, "train")
-  x_test, y_test = datasets.load(name, "test")
-  if validation:
+  if validation:  # The test split is not even read: nothing can be chosen on it by accident.
     x_train, y_train, x_test, y_test = _hold_out(x_train, y_train, validation, info.num_classes)
+  else:
+    x_test, y_test = datasets.load(name, "test")
   preprocessor = preprocessing_lib.fit_preprocessor(x_train, preprocessing)
   raw = datasets.fingerprint(x_train, y_train)
   held_out = f":validation={validation}" if validation else ""

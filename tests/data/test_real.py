@@ -118,3 +118,18 @@ def test_a_validation_split_is_held_out_of_training_before_preprocessing():
                              atol=1e-5)
   with pytest.raises(ValueError, match="multiple of the 10 classes"):
     load_real("digits", "standardize", validation=15)
+
+
+def test_with_a_validation_split_the_test_split_is_never_read(monkeypatch):
+  load = data.datasets.load
+
+  def no_test_split(name, split):
+    if split == "test":
+      raise AssertionError("the test split was read")
+    return load(name, split)
+
+  monkeypatch.setattr(data.datasets, "load", no_test_split)
+  held = load_real("digits", "standardize", validation=100)
+  assert len(held.x_test) == 100
+  with pytest.raises(AssertionError, match="the test split was read"):
+    load_real("digits", "standardize")
